@@ -1,0 +1,1 @@
+"""Experiments: one module per experiment, each with ``run(cfg, run) -> dict`` (the summary)."""

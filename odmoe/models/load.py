@@ -1,0 +1,97 @@
+"""Load an MoE causal LM offline: an embedded model, a local directory, or the local HF cache.
+
+Weights load from safetensors only (``use_safetensors=True``); a checkpoint without them is
+refused rather than unpickled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from odmoe.errors import OdmoeError
+from odmoe.models.adapter import SUPPORTED_MODEL_TYPES, MoEAdapter
+from odmoe.models.tiny import EMBEDDED, ensure_embedded
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+DTYPES |= {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model: PreTrainedModel
+    tokenizer: object
+    adapter: MoEAdapter
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OdmoeError("device=cuda asked for but no CUDA device is visible; use device=cpu")
+    return torch.device(device)
+
+
+def resolve_path(path: str) -> Path:
+    """A local directory, or a Hub repo id already in the local HF cache (never downloaded)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1:
+        raise OdmoeError(f"model path {path} does not exist; pass model.path=<directory with config.json>")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, local_files_only=True))
+    except Exception:
+        raise OdmoeError(
+            f"model {path} is not in the local Hugging Face cache; download it on a machine with network "
+            f"(`hf download {path}`) and copy the cache, or pass model.path=<local directory>"
+        ) from None
+
+
+def load_model(
+    name: str, path: str | None = None, dtype: str = "float32", device: str = "cpu"
+) -> LoadedModel:
+    """Load model ``path`` (or embedded model ``name`` when ``path`` is None) with its adapter."""
+    if path is None:
+        if name not in EMBEDDED:
+            raise OdmoeError(
+                f"model {name!r} is not embedded; pass model.path=<local directory or cached repo id>"
+            )
+        directory = ensure_embedded(name)
+    else:
+        directory = resolve_path(path)
+    if not (directory / "config.json").exists():
+        raise OdmoeError(
+            f"{directory} has no config.json; point model.path at a Hugging Face model directory"
+        )
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise OdmoeError(
+            f"{directory} holds a {config.model_type!r} model, which is not a supported MoE; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if not any(directory.glob("*.safetensors")):
+        raise OdmoeError(
+            f"{directory} has no *.safetensors weights; odmoe never unpickles: convert to safetensors"
+        )
+    if dtype not in DTYPES:
+        raise OdmoeError(f"unknown model.dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=DTYPES[dtype], use_safetensors=True, local_files_only=True
+    ).to(pick_device(device))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return LoadedModel(name, directory, model, tokenizer, MoEAdapter(model))
+
+
+def load_from_cfg(cfg) -> LoadedModel:
+    """Load the model a Hydra config names (``cfg.model``, ``cfg.device``)."""
+    m = cfg.model
+    return load_model(m.name, m.get("path"), m.get("dtype", "float32"), cfg.get("device", "auto"))
