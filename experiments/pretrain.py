@@ -41,6 +41,7 @@ def run(cfg, run: Run) -> dict:
         "perplexity": summary["perplexity"],
         "unigram_perplexity": summary["unigram_perplexity"],
         "min_expert_share": summary["min_expert_share"],
+        "experts_below_2pct": sum(share < 0.02 for shares in summary["expert_share"] for share in shares),
         "min_usage_entropy": summary["min_usage_entropy"],
         "mean_usage_entropy": sum(summary["usage_entropy"]) / len(summary["usage_entropy"]),
     }

@@ -15,6 +15,7 @@ from odmoe.trace import check_length, reference_decode, save_trace
 def run(cfg, run: Run) -> dict:
     e = cfg.exp
     lm = load_from_cfg(cfg)
+    run.bind_model(lm.name, lm.fingerprint)
     check_length(lm.model, e.prompt_len, e.output_len)
     prompts = load_prompts(cfg.data, lm.tokenizer, e.prompt_len, e.num_prompts)
     table = run.table("prompts", key=["prompt_id"])

@@ -152,13 +152,12 @@ class Run:
         self.hash = config_hash(self.config)
         self.dir.mkdir(parents=True, exist_ok=True)
         meta_path = self.dir / "meta.json"
-        if meta_path.exists():
-            old = json.loads(meta_path.read_text())
-            if old.get("config_hash") != self.hash:
-                raise OdmoeError(
-                    f"{self.dir} holds a run made with a different config; "
-                    "choose a new run name (run=NAME) or delete that directory"
-                )
+        self._previous: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if self._previous and self._previous.get("config_hash") != self.hash:
+            raise OdmoeError(
+                f"{self.dir} holds a run made with a different config; "
+                "choose a new run name (run=NAME) or delete that directory"
+            )
         hardware = self.config.get("hardware") or {}
         self.meta: dict[str, Any] = {
             "exp": exp,
@@ -174,6 +173,17 @@ class Run:
         (self.dir / "summary.json").unlink(missing_ok=True)
         _write_json(meta_path, self.meta)
         self._t0 = time.perf_counter()
+
+    def bind_model(self, name: str, fingerprint: str) -> None:
+        """Record which checkpoint the run measures; refuse to resume rows made with another one."""
+        old = self._previous.get("model", {}).get("fingerprint")
+        if old is not None and old != fingerprint:
+            raise OdmoeError(
+                f"{self.dir} holds rows made with a different {name} checkpoint (retrained or replaced); "
+                "choose a new run name (run=NAME) or delete that directory"
+            )
+        self.meta["model"] = {"name": name, "fingerprint": fingerprint}
+        _write_json(self.dir / "meta.json", self.meta)
 
     def table(self, name: str, key: Iterable[str]) -> ResultTable:
         return ResultTable(self.dir / f"{name}.csv", key)

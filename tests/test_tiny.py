@@ -26,7 +26,22 @@ def test_micro_model_is_stored_complete_and_learns(micro_mixtral_dir):
     assert len(summary["expert_share"]) == EMBEDDED["micro-mixtral"].config["num_hidden_layers"]
     for shares in summary["expert_share"]:
         assert sum(shares) == pytest.approx(1.0)
-    assert summary["min_usage_entropy"] > 0.3  # the load-balancing loss keeps routing spread
+    assert summary["min_expert_share"] >= 0.02  # the per-layer balance loss: no expert collapses
+
+
+def test_per_layer_balance_loss_penalises_a_collapsed_layer():
+    import torch
+
+    from odmoe.models.tiny import per_layer_balance_loss
+
+    torch.manual_seed(0)
+    balanced = torch.randn(4096, 8) * 0.01
+    collapsed = balanced.clone()
+    collapsed[:, :2] += 10.0  # every token picks experts 0 and 1
+    assert per_layer_balance_loss((balanced,), 2).item() == pytest.approx(1.0, abs=0.02)
+    # one collapsed layer raises the mean although the two layers together use every expert
+    mixed = per_layer_balance_loss((balanced, collapsed), 2).item()
+    assert mixed > 1.5
 
 
 def test_second_family_trains_and_loads(micro_qwen2moe):

@@ -6,6 +6,7 @@ refused rather than unpickled.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,26 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: object
     adapter: MoEAdapter
+
+    @property
+    def fingerprint(self) -> str:
+        return checkpoint_fingerprint(self.path)
+
+
+def checkpoint_fingerprint(directory: Path, sample: int = 1 << 20) -> str:
+    """A cheap identity of a checkpoint: config.json plus each weight file's size, head and tail.
+
+    Enough to notice a retrained or replaced model without hashing 90 GB of Mixtral weights.
+    """
+    h = hashlib.sha256((directory / "config.json").read_bytes())
+    for f in sorted(directory.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(sample))
+            fh.seek(max(0, size - sample))
+            h.update(fh.read(sample))
+    return h.hexdigest()[:16]
 
 
 def pick_device(device: str = "auto") -> torch.device:

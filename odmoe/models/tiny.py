@@ -5,8 +5,8 @@ worker groups still leave the shadow room to run ahead), 8 experts, top-2, train
 minutes on two CPU cores. ``tiny-qwen2moe`` exercises another family (a gated shared expert,
 16 experts, top-4). The ``micro-*`` variants train in seconds and back the tests.
 
-Routing must not collapse: every model is trained with the router's load-balancing loss
-(``router_aux_loss_coef``) and the training summary reports each expert's share of the routed
+Routing must not collapse: every model is trained with a per-layer load-balancing loss
+(``per_layer_balance_loss``) and the training summary reports each expert's share of the routed
 tokens per layer (the least share must stay above 2%).
 
 A trained model lives in ``$ODMOE_HOME/models/<name>/``: ``model.safetensors``, ``config.json``, the
@@ -50,7 +50,7 @@ class EmbeddedSpec:
     steps: int = 300
     lr: float = 3e-3
     warmup: int = 20
-    aux_loss_coef: float = 0.02
+    aux_loss_coef: float = 0.05
     train_chapters: int | None = None  # None: the whole training split
     eval_windows: int = 64
     seed: int = 0
@@ -158,6 +158,21 @@ def _token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch-style load balance, E * sum_e f_e * P_e, averaged over layers (1.0 when balanced).
+
+    Transformers' own ``load_balancing_loss_func`` concatenates all layers before balancing, which
+    balances each expert index summed over layers and lets single layers collapse; we balance
+    every layer on its own.
+    """
+    losses = []
+    for logits in router_logits:
+        probs = logits.float().softmax(-1)
+        chosen = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)
+        losses.append(probs.shape[-1] * (chosen.mean(0) / top_k * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
 def _lr_at(step: int, spec: EmbeddedSpec) -> float:
     if step < spec.warmup:
         return spec.lr * (step + 1) / spec.warmup
@@ -255,8 +270,10 @@ def train_embedded(name: str, out_dir: Path | None = None, progress: bool = True
         batch = torch.stack([train_tokens[s : s + spec.seq_len] for s in starts.tolist()])
         for group in optim.param_groups:
             group["lr"] = _lr_at(step, spec)
-        out = model(input_ids=batch, labels=batch, output_router_logits=True)  # HF shifts the labels
-        loss = out.loss
+        out = model(input_ids=batch, output_router_logits=True)
+        ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+        aux = per_layer_balance_loss(out.router_logits, adapter.top_k)
+        loss = ce + spec.aux_loss_coef * aux
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
