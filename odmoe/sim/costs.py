@@ -1,0 +1,312 @@
+"""How long each step takes: the only place where model shapes meet hardware numbers.
+
+The schedulers (``odmoe.sim.odmoe``, ``odmoe.sim.offload``) ask a ``Costs`` object for durations and never look
+at shapes or profiles themselves, so the same schedule runs on
+
+* :class:`ModelCosts`: a model built from a :class:`~odmoe.sim.shapes.ModelShape` and a
+  :class:`~odmoe.hardware.HardwareProfile`;
+* :class:`FixedCosts`: explicit constants (hand-checked schedules in the tests);
+* :class:`MeasuredCosts`: per-layer times measured by the runtime, falling back to a model for what was not
+  measured (:func:`load_measured`).
+
+Compute model (a choice; the paper gives no per-step times): a step takes
+``overhead + bytes / memory_bandwidth + flops / peak_flops``. The roofline terms are *added*, not maxed:
+batch-1 eager kernels are too small to overlap their memory and arithmetic phases, and the additive form is the
+slower, simpler bound. ``overhead`` is the profile's fixed per-layer software time (kernel launches, Python
+dispatch), calibrated on the fully cached model; ``main_share`` of it goes with attention + router on the main
+node and the rest with the expert step, whether one GPU runs both (cached model) or a worker runs the experts.
+A worker call over several experts or a prefill mini-batch pays the expert overhead once per call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from odmoe.errors import OdmoeError
+from odmoe.hardware import Device, HardwareProfile
+from odmoe.sim.shapes import FORMAT_BYTES, ModelShape
+
+
+@dataclass(frozen=True)
+class Formats:
+    """Storage formats. The paper's main model is fp32 (Fig. 3 caption); worker experts are unstated (fp32 is the
+    reading consistent with "< 1 GB per worker", PAPER.md §2.2); the shadow is INT8 in all speed tests."""
+
+    main: str = "fp32"  # non-expert weights on the main node, and the whole fully cached model
+    worker: str = "fp32"  # expert copies loaded by workers
+    shadow: str = "int8"  # the shadow's whole model
+    kv: str = "fp32"  # KV cache and KV-alignment payload (full precision, 8 KB/layer for Mixtral)
+    act: str = "fp32"  # activations on the wire (16 KB per token for Mixtral)
+
+    def __post_init__(self):
+        for role in ("main", "worker", "shadow", "kv", "act"):
+            if getattr(self, role) not in FORMAT_BYTES:
+                raise OdmoeError(
+                    f"unknown {role} format {getattr(self, role)!r}; use one of {', '.join(FORMAT_BYTES)}"
+                )
+
+
+def roofline(dev: Device, nbytes: float, flops: float) -> float:
+    return nbytes / dev.mem_bandwidth + flops / dev.flops
+
+
+class ModelCosts:
+    """Durations from a model shape and a hardware profile (see the module docstring)."""
+
+    def __init__(self, shape: ModelShape, hw: HardwareProfile, formats: Formats | None = None):
+        hw.need(
+            "main.mem_bandwidth",
+            "main.flops",
+            "worker.mem_bandwidth",
+            "worker.flops",
+            "shadow.mem_bandwidth",
+            "shadow.flops",
+            "h2d_bandwidth",
+            "net_bandwidth",
+            "net_latency",
+            "layer_overhead",
+            "main_share",
+        )
+        self.shape, self.hw, self.fmt = shape, hw, formats or Formats()
+        self.latency = hw.net_latency
+        self.h2d_latency = hw.h2d_latency or 0.0
+        self.main_overhead = hw.layer_overhead * hw.main_share
+        self.expert_overhead = hw.layer_overhead * (1.0 - hw.main_share)
+        # hot path: per-layer parameter counts without routed or shared experts (those are priced apart)
+        moe = set(shape.moe_layers)
+        self._params = [
+            shape.layer_nonexpert_params(i) - (shape.shared_params if i in moe else 0)
+            for i in range(shape.num_layers)
+        ]
+        self._is_moe = [i in moe for i in range(shape.num_layers)]
+        self._kv_bytes = shape.kv_per_token * FORMAT_BYTES[self.fmt.kv]
+        self._shared = shape.shared_params
+        self._expert_bytes = {f: shape.expert_bytes(f) for f in FORMAT_BYTES}
+
+    # ---- bytes -------------------------------------------------------------------------------
+    def _b(self, fmt: str) -> float:
+        return FORMAT_BYTES[fmt]
+
+    def act_bytes(self, tokens: int = 1) -> float:
+        """One hidden vector per token on the wire (main -> worker, and the expert output back)."""
+        return tokens * self.shape.hidden * self._b(self.fmt.act)
+
+    def alignment_bytes(self, positions: int, token: bool = True) -> float:
+        """KV entries of ``positions`` positions over all layers, plus the token id (8 bytes)."""
+        return positions * self.shape.kv_bytes_per_token(self.fmt.kv) + (8 if token else 0)
+
+    def expert_bytes(self, fmt: str | None = None) -> int:
+        return self._expert_bytes[fmt or self.fmt.worker]
+
+    # ---- compute -----------------------------------------------------------------------------
+    def _attention_work(self, layer: int, tokens: int, ctx: int, fmt: str) -> tuple[float, float]:
+        """Bytes and FLOPs of attention, norms and router (or a dense layer's FFN) over ``tokens`` new tokens."""
+        params = self._params[layer]
+        kv_read = ctx * self._kv_bytes
+        flops = 2 * params * tokens + self.shape.attn_flops_per_token_ctx * tokens * (ctx + (tokens + 1) / 2)
+        return params * FORMAT_BYTES[fmt] + kv_read, flops
+
+    def main(self, layer: int, tokens: int = 1, ctx: int = 0) -> float:
+        """M_l: attention, norms and router (or a whole dense layer) for ``tokens`` tokens after ``ctx`` cached."""
+        nbytes, flops = self._attention_work(layer, tokens, ctx, self.fmt.main)
+        return self.main_overhead + roofline(self.hw.main, nbytes, flops)
+
+    def shared(self, tokens: int = 1) -> float:
+        """Shared experts of one MoE layer, on the main node (0 when the model has none)."""
+        p = self.shape.shared_params
+        return roofline(self.hw.main, p * self._b(self.fmt.main), 2 * p * tokens) if p else 0.0
+
+    def expert(self, experts: int = 1, tokens: int = 1, layer: int | None = None) -> float:
+        """One worker call computing ``experts`` routed experts on ``tokens`` tokens each."""
+        s = self.shape
+        one = roofline(self.hw.worker, self.expert_bytes(), 2 * s.expert_params * tokens)
+        return self.expert_overhead + experts * one
+
+    def load(self, layer: int | None = None) -> float:
+        """Host DRAM -> device copy of one worker expert."""
+        return self.h2d_latency + self.expert_bytes() / self.hw.h2d_bandwidth
+
+    def head(self, tokens: int = 1) -> float:
+        """Final norm + LM head for the positions whose logits are needed (one in decode)."""
+        p = self.shape.head_params
+        return roofline(self.hw.main, p * self._b(self.fmt.main), 2 * p * tokens)
+
+    def shadow(self, layer: int, ctx: int = 0) -> float:
+        """S_l: one whole layer of the quantized shadow (attention + its own top-k experts) for one token."""
+        s = self.shape
+        nbytes, flops = self._attention_work(layer, 1, ctx, self.fmt.shadow)
+        if self._is_moe[layer]:
+            nbytes += (
+                s.top_k * self._expert_bytes[self.fmt.shadow] + self._shared * FORMAT_BYTES[self.fmt.shadow]
+            )
+            flops += 2 * (s.top_k * s.expert_params + self._shared)
+        return self.hw.layer_overhead + roofline(self.hw.shadow, nbytes, flops)
+
+    def shadow_head(self) -> float:
+        p = self.shape.head_params
+        return roofline(self.hw.shadow, p * self._b(self.fmt.shadow), 2 * p)
+
+    def gpu_experts(self, experts: float, tokens: float = 1, fmt: str | None = None) -> float:
+        """The expert step of a single-device engine: ``experts`` resident experts of format ``fmt`` on the main GPU."""
+        s = self.shape
+        one = roofline(self.hw.main, self._expert_bytes[fmt or self.fmt.main], 2 * s.expert_params * tokens)
+        return self.expert_overhead + experts * one
+
+    def gpu_load(self, fmt: str | None = None) -> float:
+        """One expert of format ``fmt`` over the main GPU's host->device link."""
+        return self.h2d_latency + self._expert_bytes[fmt or self.fmt.main] / self.hw.h2d_bandwidth
+
+    def cached_layer(self, layer: int, tokens: int = 1, ctx: int = 0, active: float | None = None) -> float:
+        """One layer of the fully cached model on one GPU: all its weights resident, ``active`` experts touched."""
+        s = self.shape
+        nbytes, flops = self._attention_work(layer, tokens, ctx, self.fmt.main)
+        if self._is_moe[layer]:
+            active = s.top_k if active is None else active
+            p = s.shared_params
+            nbytes += active * self._expert_bytes[self.fmt.main] + p * self._b(self.fmt.main)
+            flops += 2 * (s.top_k * s.expert_params + p) * tokens
+        return self.hw.layer_overhead + roofline(self.hw.main, nbytes, flops)
+
+    # ---- network -----------------------------------------------------------------------------
+    def wire(self, nbytes: float) -> float:
+        """Serialization time of a message on one NIC direction (latency is separate: ``self.latency``)."""
+        return nbytes / self.hw.net_bandwidth
+
+
+@dataclass
+class FixedCosts:
+    """Every duration given explicitly (seconds); for hand-checked schedules and what-if reasoning.
+
+    ``t_expert`` is per expert (a call over n experts takes n * t_expert), ``t_load`` per expert copy; prefill scales
+    main and expert times linearly with tokens. Messages take ``latency + bytes / bandwidth`` with one hidden
+    vector weighing ``hidden_bytes`` and one position of KV alignment ``kv_bytes``.
+    """
+
+    t_main: float = 1.0
+    t_expert: float = 1.0
+    t_load: float = 1.0
+    t_shadow: float = 0.5
+    t_head: float = 0.0
+    t_shadow_head: float = 0.0
+    t_shared: float = 0.0
+    t_cached: float = 2.0
+    latency: float = 0.0
+    bandwidth: float = math.inf
+    hidden_bytes: float = 1.0
+    kv_bytes: float = 0.0
+    h2d_latency: float = 0.0
+
+    def act_bytes(self, tokens: int = 1) -> float:
+        return tokens * self.hidden_bytes
+
+    def alignment_bytes(self, positions: int, token: bool = True) -> float:
+        return positions * self.kv_bytes
+
+    def wire(self, nbytes: float) -> float:
+        return nbytes / self.bandwidth
+
+    def main(self, layer: int, tokens: int = 1, ctx: int = 0) -> float:
+        return self.t_main * tokens
+
+    def shared(self, tokens: int = 1) -> float:
+        return self.t_shared * tokens
+
+    def expert(self, experts: int = 1, tokens: int = 1, layer: int | None = None) -> float:
+        return self.t_expert * experts * tokens
+
+    def load(self, layer: int | None = None) -> float:
+        return self.t_load
+
+    def head(self, tokens: int = 1) -> float:
+        return self.t_head
+
+    def shadow(self, layer: int, ctx: int = 0) -> float:
+        return self.t_shadow
+
+    def shadow_head(self) -> float:
+        return self.t_shadow_head
+
+    def cached_layer(self, layer: int, tokens: int = 1, ctx: int = 0, active: float | None = None) -> float:
+        return self.t_cached * tokens
+
+    def gpu_experts(self, experts: float, tokens: float = 1, fmt: str | None = None) -> float:
+        return self.t_expert * experts * tokens
+
+    def gpu_load(self, fmt: str | None = None) -> float:
+        return self.t_load
+
+
+MEASURED_COLUMNS = ("main_s", "expert_s", "shadow_s", "load_s")
+
+
+class MeasuredCosts:
+    """Measured decode-time durations (batch 1) per layer, with a model for everything else.
+
+    ``table`` has one row per decoder layer (``layer``) and any of the columns ``main_s`` (M_l on the main node,
+    excluding communication), ``expert_s`` (one worker's expert step, one expert), ``shadow_s`` (S_l) and
+    ``load_s`` (one expert copy); a row with ``layer = -1`` may give ``main_s`` for the LM head. Prefill
+    (tokens > 1) and anything not measured come from ``base``.
+    """
+
+    def __init__(self, base, table: pd.DataFrame):
+        self.base = base
+        self.table = {
+            c: dict(zip(table["layer"], table[c], strict=True)) for c in MEASURED_COLUMNS if c in table
+        }
+        self.latency = base.latency
+        self.h2d_latency = getattr(base, "h2d_latency", 0.0)
+
+    def _get(self, col: str, layer: int):
+        v = self.table.get(col, {}).get(layer)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    def __getattr__(self, name):  # act_bytes, alignment_bytes, wire, shared, cached_layer, ...
+        return getattr(self.base, name)
+
+    def main(self, layer: int, tokens: int = 1, ctx: int = 0) -> float:
+        v = self._get("main_s", layer) if tokens == 1 else None
+        return self.base.main(layer, tokens, ctx) if v is None else v
+
+    def expert(self, experts: int = 1, tokens: int = 1, layer: int | None = None) -> float:
+        col = self.table.get("expert_s", {})
+        v = (
+            self._get("expert_s", layer)
+            if layer is not None
+            else (sum(col.values()) / len(col) if col else None)
+        )
+        return self.base.expert(experts, tokens) if v is None or tokens != 1 else experts * v
+
+    def load(self, layer: int | None = None) -> float:
+        v = self._get("load_s", layer) if layer is not None else None
+        col = self.table.get("load_s", {})
+        if v is None and col and layer is None:
+            v = sum(col.values()) / len(col)
+        return self.base.load() if v is None else v
+
+    def head(self, tokens: int = 1) -> float:
+        v = self._get("main_s", -1) if tokens == 1 else None
+        return self.base.head(tokens) if v is None else v
+
+    def shadow(self, layer: int, ctx: int = 0) -> float:
+        v = self._get("shadow_s", layer)
+        return self.base.shadow(layer, ctx) if v is None else v
+
+
+def load_measured(path: str | Path, base) -> MeasuredCosts:
+    """Read a measured per-layer timing table (CSV or parquet; columns in :class:`MeasuredCosts`)."""
+    path = Path(path)
+    if not path.exists():
+        raise OdmoeError(
+            f"no measured timing table at {path}; the runtime writes one per run (layer_times.csv), "
+            "or pass a CSV with columns layer and any of main_s, expert_s, shadow_s, load_s"
+        )
+    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if "layer" not in table or not any(c in table for c in MEASURED_COLUMNS):
+        raise OdmoeError(f"{path}: needs a 'layer' column and at least one of {', '.join(MEASURED_COLUMNS)}")
+    if (table[[c for c in MEASURED_COLUMNS if c in table]] < 0).any().any():
+        raise OdmoeError(f"{path}: negative durations; times are seconds >= 0")
+    return MeasuredCosts(base, table)
