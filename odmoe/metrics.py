@@ -1,0 +1,88 @@
+"""Expert-prediction recall, exactly as the paper's Eq. 2 and Eq. 3 (PAPER.md §7).
+
+For prompt q, output-token index n and MoE layer l, ``c(q, n, l) = |S ∩ T|`` is the number of the k
+predicted experts ``S`` that are among the k experts the full model really used ``T`` (partial
+credit). ``A(q, n)`` is 1 when prompt q produced an n-th output token. Then
+
+    recall(n) = Σ_q Σ_l c(q,n,l) A(q,n) / (k · L · Σ_q A(q,n))             (Eq. 2)
+    recall    = Σ_n Σ_q Σ_l c(q,n,l) A(q,n) / (k · L · Σ_n Σ_q A(q,n))     (Eq. 3)
+
+Eq. 3 is a micro-average over every existing (prompt, token) pair, not the mean of Eq. 2 over n.
+Per-layer recall uses the same micro-average with l held fixed. Everything here is plain numpy on
+index arrays, independent of models, so any predictor (SEP, gate look-ahead, history) reuses it.
+
+Because every quantity is a ratio of sums of hits over sums of slots (``k`` per layer per existing
+token), results can be stored as (hits, slots) pairs and aggregated later in any grouping;
+``ratio`` does that for a table of rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def hits(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """``c = |S ∩ T|`` over the last axis: ``predicted`` [..., k] and ``true`` [..., k] -> [...].
+
+    Each set is assumed to hold distinct experts (a top-k always does); a prediction with fewer or
+    more than k members may be passed padded with -1, which never matches.
+    """
+    predicted = np.asarray(predicted)
+    true = np.asarray(true)
+    if predicted.shape[:-1] != true.shape[:-1]:
+        raise ValueError(f"predicted {predicted.shape} and true {true.shape} disagree before the k axis")
+    match = (predicted[..., :, None] == true[..., None, :]) & (predicted[..., :, None] >= 0)
+    return match.any(axis=-1).sum(axis=-1)
+
+
+def _exists(c: np.ndarray, exists: np.ndarray | None) -> np.ndarray:
+    if exists is None:
+        return np.ones(c.shape[:2], dtype=bool)
+    exists = np.asarray(exists, dtype=bool)
+    if exists.shape != c.shape[:2]:
+        raise ValueError(f"A(q, n) has shape {exists.shape}, expected {c.shape[:2]}")
+    return exists
+
+
+def recall_per_token(c: np.ndarray, k: int, exists: np.ndarray | None = None) -> np.ndarray:
+    """Eq. 2: recall(n) for ``c`` [Q, N, L]; ``exists`` is A(q, n) [Q, N] (all ones by default).
+
+    An index n that no prompt reached has no defined recall and yields NaN.
+    """
+    c = np.asarray(c, dtype=np.float64)
+    a = _exists(c, exists)
+    num = (c.sum(axis=2) * a).sum(axis=0)
+    den = k * c.shape[2] * a.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
+
+def recall_overall(c: np.ndarray, k: int, exists: np.ndarray | None = None) -> float:
+    """Eq. 3: the micro-average of c over every existing (prompt, token) pair and every layer."""
+    c = np.asarray(c, dtype=np.float64)
+    a = _exists(c, exists)
+    den = k * c.shape[2] * a.sum()
+    return float((c.sum(axis=2) * a).sum() / den) if den else float("nan")
+
+
+def recall_per_layer(c: np.ndarray, k: int, exists: np.ndarray | None = None) -> np.ndarray:
+    """Recall of each layer slot l: Σ_q Σ_n c(q,n,l) A(q,n) / (k · Σ_q Σ_n A(q,n)) -> [L]."""
+    c = np.asarray(c, dtype=np.float64)
+    a = _exists(c, exists)
+    den = k * a.sum()
+    if not den:
+        return np.full(c.shape[2], np.nan)
+    return (c * a[:, :, None]).sum(axis=(0, 1)) / den
+
+
+def ratio(frame, by: str | list[str] | None = None, hits_col: str = "hits", slots_col: str = "slots"):
+    """Σ hits / Σ slots of a table of (hits, slots) rows, overall or grouped ``by`` columns.
+
+    With one row per (prompt, n) holding ``hits = Σ_l c`` and ``slots = k · L``, grouping by n gives
+    Eq. 2 and no grouping gives Eq. 3.
+    """
+    if by is None:
+        slots = frame[slots_col].sum()
+        return float(frame[hits_col].sum() / slots) if slots else float("nan")
+    sums = frame.groupby(by)[[hits_col, slots_col]].sum()
+    return sums[hits_col] / sums[slots_col]

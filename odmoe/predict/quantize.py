@@ -1,0 +1,228 @@
+"""Real bitsandbytes quantization of a model's weights, routed experts included.
+
+The usual bitsandbytes path (transformers' ``load_in_8bit`` / ``load_in_4bit``) replaces
+``nn.Linear`` modules only. Transformers 5 stores the routed experts of a layer as two fused 3-D
+tensors, which that path leaves in full precision although they are over 90% of an MoE's bytes.
+Here each routed expert is quantized on its own, with bitsandbytes' defaults:
+
+* ``int8``: LLM.int8() — row-wise absmax int8 weights (one fp32 scale per output row), activations
+  quantized row-wise on the fly, int8 matmul, and (threshold > 0) the mixed-precision decomposition
+  that keeps outlier activation columns in fp16 (``bitsandbytes.matmul``; transformers' default
+  threshold 6.0).
+* ``nf4``: 4-bit NormalFloat, one fp32 absmax per block of 64 weights, no double quantization
+  (transformers' defaults), run by ``bitsandbytes.matmul_4bit`` with fp16 compute.
+
+Non-expert ``nn.Linear`` modules of the decoder layers (attention projections, shared experts,
+dense MLPs) become ``bnb.nn.Linear8bitLt`` / ``bnb.nn.Linear4bit``. Embeddings, norms, routers and
+the LM head stay in fp16 (the compute dtype): that is what transformers' bitsandbytes integration
+keeps unquantized by default (routers are not ``nn.Linear`` in transformers 5, ``lm_head`` is skipped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from odmoe.errors import OdmoeError
+
+QUANTIZED = ("int8", "nf4")
+NF4_BLOCKSIZE = 64
+DEFAULT_INT8_THRESHOLD = 6.0
+
+
+def require_bitsandbytes(precision: str, device: torch.device | str) -> None:
+    """Fail with a clear message unless bitsandbytes can quantize and multiply ``precision`` on ``device``."""
+    device = torch.device(device)
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bf
+        from bitsandbytes.autograd._functions import MatmulLtState
+
+        w = torch.linspace(-1, 1, 64 * 64, device=device).reshape(64, 64).half()
+        x = torch.ones(1, 64, device=device, dtype=torch.float16)
+        with torch.no_grad():
+            if precision == "int8":
+                state = _int8_state(*bf.int8_vectorwise_quant(w)[:2], DEFAULT_INT8_THRESHOLD, MatmulLtState)
+                y = bnb.matmul(x, state.CB, state=state)
+            else:
+                q, qs = bf.quantize_4bit(
+                    w, blocksize=NF4_BLOCKSIZE, quant_type="nf4", compress_statistics=False
+                )
+                y = bnb.matmul_4bit(x, q.t(), quant_state=qs)
+        if not torch.isfinite(y).all():
+            raise RuntimeError("non-finite result")
+    except Exception as e:  # bitsandbytes raises many types when a backend is missing
+        raise OdmoeError(
+            f"shadow precision {precision} needs bitsandbytes {precision} kernels on {device}, which fail here "
+            f"({type(e).__name__}: {e}); install a bitsandbytes build with a {device.type} backend "
+            "(pip install 'bitsandbytes>=0.45'), run on another device, or use shadow precision fp16"
+        ) from None
+
+
+def _int8_state(cb: torch.Tensor, scb: torch.Tensor, threshold: float, state_cls=None):
+    """A bitsandbytes LLM.int8() matmul state for an already quantized weight (inference only)."""
+    if state_cls is None:
+        from bitsandbytes.autograd._functions import MatmulLtState as state_cls
+    state = state_cls()
+    state.CB, state.SCB = cb, scb
+    state.threshold = threshold
+    state.has_fp16_weights = False
+    state.is_training = False
+    return state
+
+
+class QuantizedExperts(nn.Module):
+    """The routed experts of one MoE layer, each expert quantized on its own.
+
+    Holds the quantized data and scales as buffers (``*_data``: int8 [E, out, in] or packed nf4
+    [E, out*in/2, 1] uint8; ``*_scale``: fp32 row scales or block absmax) and computes the experts chosen by the router through the
+    adapter hook signature ``(module, hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``.
+    """
+
+    def __init__(
+        self,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        precision: str,
+        int8_threshold: float = DEFAULT_INT8_THRESHOLD,
+    ):
+        super().__init__()
+        if precision not in QUANTIZED:
+            raise OdmoeError(
+                f"unknown quantized expert format {precision!r}; use one of {', '.join(QUANTIZED)}"
+            )
+        import bitsandbytes.functional as bf
+
+        self.precision = precision
+        self.act = act
+        self.num_experts = gate_up.shape[0]
+        self.int8_threshold = float(int8_threshold)
+        self.shapes = {"gate_up": tuple(gate_up.shape[1:]), "down": tuple(down.shape[1:])}
+        for name, w in (("gate_up", gate_up), ("down", down)):
+            data, stats = [], []
+            for e in range(self.num_experts):
+                w16 = w[e].detach().to(torch.float16).contiguous()
+                if precision == "int8":
+                    cb, scb, _ = bf.int8_vectorwise_quant(w16)
+                else:
+                    cb, qs = bf.quantize_4bit(
+                        w16, blocksize=NF4_BLOCKSIZE, quant_type="nf4", compress_statistics=False
+                    )
+                    scb = qs.absmax
+                    if not hasattr(self, "nf4_code"):
+                        self.register_buffer("nf4_code", qs.code, persistent=False)
+                data.append(cb)
+                stats.append(scb)
+            self.register_buffer(f"{name}_data", torch.stack(data))
+            self.register_buffer(f"{name}_scale", torch.stack(stats))
+
+    def _linear(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        # Quantization states are rebuilt from the buffers on every call (a few attribute sets), so
+        # they never point at stale storage after the module is moved.
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import QuantState
+
+        data = getattr(self, f"{name}_data")[expert]
+        scale = getattr(self, f"{name}_scale")[expert]
+        if self.precision == "int8":
+            return bnb.matmul(x, data, state=_int8_state(data, scale, self.int8_threshold))
+        state = QuantState(
+            absmax=scale,
+            shape=torch.Size(self.shapes[name]),
+            code=self.nf4_code,
+            blocksize=NF4_BLOCKSIZE,
+            quant_type="nf4",
+            dtype=torch.float16,
+        )
+        return bnb.matmul_4bit(x, data.t(), quant_state=state)
+
+    def expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """One SwiGLU expert on tokens ``x`` [T, H] (fp16), with quantized kernels."""
+        gate, up = self._linear(x, "gate_up", expert).chunk(2, dim=-1)
+        return self._linear(self.act(gate) * up, "down", expert)
+
+    def forward(
+        self, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        x16 = hidden.to(torch.float16)
+        if hidden.shape[0] == 1:  # decode: k experts on one token, fewer small ops
+            out = torch.zeros_like(hidden)
+            for j, e in enumerate(top_k_index[0].tolist()):
+                if 0 <= e < self.num_experts:
+                    out += (self.expert(x16, e) * top_k_weights[:, j, None]).to(out.dtype)
+            return out
+        out = torch.zeros_like(hidden)
+        for e in torch.unique(top_k_index).tolist():
+            if not 0 <= e < self.num_experts:  # padding index of masked routing (as the eager loop)
+                continue
+            token_idx, pos = torch.where(top_k_index == e)
+            y = self.expert(x16[token_idx], e) * top_k_weights[token_idx, pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+
+def quantize_linear(
+    linear: nn.Linear, precision: str, int8_threshold: float = DEFAULT_INT8_THRESHOLD
+) -> nn.Module:
+    """``linear`` as a bitsandbytes ``Linear8bitLt`` (LLM.int8()) or ``Linear4bit`` (nf4, fp16 compute)."""
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
+    w16 = linear.weight.detach().to(torch.float16)
+    bias = linear.bias is not None
+    if precision == "int8":
+        q = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=bias,
+            has_fp16_weights=False,
+            threshold=int8_threshold,
+        )
+        q.weight = bnb.nn.Int8Params(w16.cpu(), requires_grad=False, has_fp16_weights=False)
+    elif precision == "nf4":
+        q = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=bias,
+            compute_dtype=torch.float16,
+            compress_statistics=False,
+            quant_type="nf4",
+        )
+        q.weight = bnb.nn.Params4bit(
+            w16.cpu(),
+            requires_grad=False,
+            blocksize=NF4_BLOCKSIZE,
+            compress_statistics=False,
+            quant_type="nf4",
+        )
+    else:
+        raise OdmoeError(f"unknown quantized linear format {precision!r}; use one of {', '.join(QUANTIZED)}")
+    if bias:
+        q.bias = nn.Parameter(linear.bias.detach().to(torch.float16).cpu(), requires_grad=False)
+    return q.to(device).eval()  # bitsandbytes quantizes on .to(device)
+
+
+def quantized_linear_bytes(module: nn.Module) -> int | None:
+    """Bytes of a bitsandbytes linear's weight data, scales and bias; None for other modules."""
+    import bitsandbytes as bnb
+
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        w = module.weight
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = module.state.SCB
+        total = w.numel() * w.element_size() + (scb.numel() * scb.element_size() if scb is not None else 0)
+    elif isinstance(module, bnb.nn.Linear4bit):
+        w = module.weight
+        qs = w.quant_state
+        total = w.numel() * w.element_size() + qs.absmax.numel() * qs.absmax.element_size()
+        if qs.nested:
+            total += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+    else:
+        return None
+    if module.bias is not None:
+        total += module.bias.numel() * module.bias.element_size()
+    return int(total)
