@@ -1,0 +1,290 @@
+"""Start an OD-MoE cluster: the ``torchrun`` entry point and the single-machine spawner.
+
+One machine (main + shadow + W workers, here W = 8)::
+
+    torchrun --nproc-per-node 10 -m odmoe.launch hardware=cpu-emulated system=odmoe \\
+        --prompt-len 16 --output-len 64 --num-prompts 2 --out results/launch/demo
+
+Several machines (the same command on each; ranks are numbered node by node, so put the main node
+and the shadow on the first machine, e.g. 2 + 8 ranks over 5 machines with 2 GPUs each)::
+
+    torchrun --nnodes 5 --nproc-per-node 2 --node-rank R --rdzv-backend c10d \\
+        --rdzv-endpoint HOST0:29500 --rdzv-id odmoe1 -m odmoe.launch \\
+        hardware=rtx3090-testbed system=odmoe model=local model.path=/models/Mixtral-8x7B-v0.1 ...
+
+Every rank composes the same Hydra configuration from its arguments (``conf/``; ``system`` defaults
+to ``odmoe``). Rank 0, the main node, writes ``requests.jsonl``, ``layers.csv`` (and logits, when
+asked) under ``--out``. The runner does not need torchrun: :func:`spawn_local` starts the ranks as
+local subprocesses with the same environment torchrun gives them (``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``/``MASTER_PORT`` of a store the spawner hosts), watches them, and on any failure ends
+every one (no orphans: each child also dies with its parent) and raises :class:`ClusterFailed` with
+the first failing rank's one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from odmoe.errors import OdmoeError
+from odmoe.paths import repo_root
+
+
+class ClusterFailed(RuntimeError):
+    """A rank of the cluster failed; the message names it (role and rank) and says what happened."""
+
+
+# ---- spec: everything a rank needs, as plain data ----------------------------------------------
+def spec_from_cfg(cfg, system: Any, jobs: list[dict], collect_logits: bool = False) -> dict:
+    """The plain-dict run spec of a Hydra config (``cfg.model``, ``cfg.hardware``, ``cfg.device``), a
+    system config and a list of requests ``{"id", "prompt": [token ids], "output_len"}``."""
+    from omegaconf import OmegaConf
+
+    from odmoe.models.load import resolve_path
+    from odmoe.models.tiny import EMBEDDED, ensure_embedded
+
+    m = cfg.model
+    path = m.get("path")
+    directory = resolve_path(path) if path else ensure_embedded(m.name) if m.name in EMBEDDED else None
+    if directory is None:
+        raise OdmoeError(f"model {m.name!r} is not embedded; pass model.path=<local directory>")
+    hardware = OmegaConf.to_container(cfg.hardware, resolve=True)
+    system = OmegaConf.to_container(system, resolve=True) if not isinstance(system, dict) else system
+    device = str(cfg.get("device", "auto"))
+    if hardware.get("emulated"):
+        device = "cpu"
+    return {
+        "model": {"name": str(m.name), "path": str(directory), "dtype": str(m.get("dtype", "float32"))},
+        "hardware": hardware,
+        "system": system,
+        "device": device,
+        "seed": int(cfg.get("seed", 0)),
+        "threads": int(system.get("threads", 1)),
+        "jobs": jobs,
+        "collect_logits": bool(collect_logits),
+    }
+
+
+def layout_for(spec: dict):
+    """The checked layout of a spec, from the model's config alone (a meta-device model, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from odmoe.models.adapter import MoEAdapter
+    from odmoe.runtime.layout import Layout
+
+    config = AutoConfig.from_pretrained(spec["model"]["path"], local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    adapter = MoEAdapter(model)
+    s = spec["system"]
+    return Layout.build(
+        s.get("workers", 8),
+        adapter.top_k,
+        adapter.num_experts,
+        adapter.moe_layers,
+        s.get("group_size"),
+        s.get("slots"),
+    )
+
+
+# ---- one rank ---------------------------------------------------------------------------------
+def run_rank(spec: dict, out_dir: Path | None) -> None:
+    """Run this process's role until the cluster stops; never returns (exits the process)."""
+    import torch
+
+    from odmoe.runtime.layout import MAIN, SHADOW
+    from odmoe.runtime.node import connect
+
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    try:
+        layout = layout_for(spec)
+        node = connect(spec, layout, out_dir)
+    except OdmoeError as e:
+        print(f"odmoe: error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)
+    node.start_watchdog()
+    if out_dir is not None:
+        (out_dir / f"rank{node.rank}.pid").write_text(f"{os.getpid()}\n")
+    try:
+        if node.rank == MAIN:
+            from odmoe.runtime.main import MainNode as Role
+        elif node.rank == SHADOW:
+            from odmoe.runtime.shadow import ShadowNode as Role
+        else:
+            from odmoe.runtime.worker import WorkerNode as Role
+        role = Role(node)
+        node.barrier("ready", float(spec["system"].get("startup_timeout_s", 600)))
+        role.run()
+        node.comm.stopping = True
+        node.comm.flush()
+        node.barrier("stopped", node.timeout)
+    except BaseException as e:  # noqa: BLE001 - every failure ends the cluster with one message
+        node.fail(e)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# ---- the single-machine spawner ---------------------------------------------------------------
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -> list[dict]:
+    """Run ``spec`` on a local cluster of subprocesses; return the main node's per-request results.
+
+    ``timeout`` bounds how long the spawner waits for the remaining ranks after the first failure
+    (default: the spec's ``system.timeout_s``) before it kills them.
+    """
+    import torch.distributed as dist
+
+    from odmoe.runtime.layout import Layout
+
+    layout = layout_for(spec)  # impossible layouts fail here, before anything starts
+    world = layout.world_size
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = [p.name for pattern in ("logits-*.npy", "rank*.pid") for p in out_dir.glob(pattern)]
+    for old in ["requests.jsonl", "layers.csv", "failure.txt", "status", *stale]:
+        (out_dir / old).unlink(missing_ok=True)
+    spec = dict(spec, run_id=uuid.uuid4().hex[:12])
+    (out_dir / "spec.json").write_text(json.dumps(spec))
+    timeout = float(spec["system"].get("timeout_s", 60) if timeout is None else timeout)
+    startup = float(spec["system"].get("startup_timeout_s", 600))
+    store = dist.TCPStore(
+        "127.0.0.1", 0, world, True, wait_for_workers=False, timeout=datetime.timedelta(seconds=startup)
+    )
+    env = dict(os.environ)
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(store.port),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        TORCHELASTIC_USE_AGENT_STORE="True",
+        TORCHELASTIC_RESTART_COUNT="0",
+        TORCHELASTIC_RUN_ID=spec["run_id"],
+        OMP_NUM_THREADS=str(spec.get("threads", 1)),
+        PYTHONUNBUFFERED="1",
+    )
+    env["PYTHONPATH"] = os.pathsep.join([str(repo_root()), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        for r in range(world):
+            log = open(out_dir / f"rank{r}.log", "w")  # noqa: SIM115 - closed below
+            logs.append(log)
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "odmoe.launch",
+                        "--spec",
+                        str(out_dir / "spec.json"),
+                        "--out",
+                        str(out_dir),
+                    ],
+                    env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=repo_root(),
+                    preexec_fn=_die_with_parent,
+                )
+            )
+        failed_at = None
+        abort_key = f"odmoe/{spec['run_id']}/abort"
+        while True:
+            codes = [p.poll() for p in procs]
+            if all(c == 0 for c in codes):
+                break
+            if failed_at is None and (any(c not in (None, 0) for c in codes) or store.check([abort_key])):
+                failed_at = time.time()
+            if failed_at is not None and (
+                all(c is not None for c in codes) or time.time() - failed_at > timeout + 2
+            ):
+                break
+            time.sleep(0.1)
+    finally:
+        killed = []
+        for r, p in enumerate(procs):
+            if p.poll() is None:
+                p.kill()
+                killed.append(r)
+            p.wait()
+        for log in logs:
+            log.close()
+    codes = [p.returncode for p in procs]
+    if any(codes):
+        reason = store.get(abort_key).decode() if store.check([abort_key]) else None
+        if reason is None:
+            bad = [r for r, c in enumerate(codes) if c] or [0]
+            r = bad[0]
+            tail = (out_dir / f"rank{r}.log").read_text().strip().splitlines()[-3:]
+            reason = f"{Layout.name(r)} exited with code {codes[r]}: {' | '.join(tail)}"
+        extra = f"; killed {', '.join(Layout.name(r) for r in killed)} after {timeout:g} s" if killed else ""
+        raise ClusterFailed(f"OD-MoE cluster failed: {reason}{extra} (logs: {out_dir}/rank*.log)")
+    path = out_dir / "requests.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# ---- command line -----------------------------------------------------------------------------
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    if not any(o.split("=", 1)[0].lstrip("+") == "system" for o in overrides):
+        overrides = [*overrides, "+system=odmoe"]
+    overrides = [("+" + o if o.startswith("system=") else o) for o in overrides]
+    with initialize_config_dir(str(repo_root() / "conf"), version_base="1.3"):
+        return compose("config", overrides)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m odmoe.launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", help="a run spec written by the spawner (otherwise: Hydra overrides)")
+    parser.add_argument("--out", help="directory for the main node's results")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--num-prompts", type=int, default=1)
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. hardware=cpu-emulated system.workers=4"
+    )
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if args.spec:
+        spec = json.loads(Path(args.spec).read_text())
+    else:
+        try:
+            from transformers import AutoTokenizer
+
+            from odmoe.data.prompts import load_prompts
+
+            cfg = _compose(args.overrides)
+            model_dir = spec_from_cfg(cfg, cfg.system, [])["model"]["path"]
+            tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            prompts = load_prompts(cfg.data, tok, args.prompt_len, args.num_prompts)
+            jobs = [{"id": p.id, "prompt": list(p.token_ids), "output_len": args.output_len} for p in prompts]
+            spec = spec_from_cfg(cfg, cfg.system, jobs)
+        except OdmoeError as e:
+            print(f"odmoe: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+    run_rank(spec, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""The main node: non-expert weights, the real routers, greedy decoding, and the measurements.
+
+The main node runs the unmodified Hugging Face model with its routed experts removed (their tensors
+are replaced by empty ones, so its device holds only non-expert weights). The adapter's expert hook
+(``MoEAdapter.set_experts_forward``) is where each MoE layer's work leaves the node: after the real
+router has chosen the top-k experts of layer l, the hook
+
+1. takes the shadow's prediction for (n, l) if it has arrived, and settles which expert each of the
+   k positions computes (set matching, :func:`odmoe.runtime.layout.resolve`);
+2. sends the hidden state and that assignment to the workers of l's group;
+3. waits for the k raw expert outputs and combines them with the router's gate weights, in the
+   eager loop's order (ascending expert index), so the result equals the cached model's.
+
+Timing per (iteration n, MoE layer l), wall clock on the main node:
+  ``t_main``  = gate(l) - outputs(l-1): attention, norms, router (M_l; the first layer includes the
+               embedding; dense layers in between count with the next MoE layer);
+  ``t_worker`` = outputs(l) - gate(l): network out, expert compute, network back, and any stall;
+  ``stall``   = the largest wait of the group's workers for their expert after the hidden state
+               arrived (reported by the workers).
+The critical-path lower bound of a request's decode is the sum over iterations of
+``t_main + t_worker - stall`` over layers plus each iteration's tail (final norm, LM head, argmax,
+alignment send): the decode time the same compute and network would give with zero stalls.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from odmoe.device import now
+from odmoe.errors import OdmoeError
+from odmoe.models.load import load_model
+from odmoe.runtime import memory, prefill
+from odmoe.runtime.layout import SHADOW, Layout, resolve
+from odmoe.runtime.messages import Kind, key_of
+from odmoe.runtime.node import Node, tick
+from odmoe.runtime.shadow import request_alignment
+from odmoe.trace import check_length, forward_step
+
+
+@dataclass
+class Request:
+    job: int
+    n: int = 0
+    phase: str = "prefill"
+    prev: float = 0.0
+    context: int = 0
+    rows: list[dict] = field(default_factory=list)
+
+
+class MainNode:
+    def __init__(self, node: Node):
+        self.node = node
+        self.layout: Layout = node.layout
+        spec = node.spec
+        m = spec["model"]
+        lm = load_model(m["name"], m.get("path"), m.get("dtype", "float32"), str(node.torch_device))
+        self.model, self.adapter = lm.model, lm.adapter
+        for layer in self.adapter.moe_layers:  # the main node never holds routed experts
+            experts = self.adapter.experts(layer)
+            experts.gate_up_proj = nn.Parameter(torch.empty(0, device=node.torch_device), requires_grad=False)
+            experts.down_proj = nn.Parameter(torch.empty(0, device=node.torch_device), requires_grad=False)
+            self.adapter.set_experts_forward(layer, self._hook(layer))
+        self.weight_bytes = self.adapter.parameter_bytes()["non_experts"]
+        node.device.ledger.set("weights/non_expert", self.weight_bytes)
+        self.shape = memory.shape_from_config(self.model.config)
+        self.elem = next(self.model.parameters()).element_size()
+        self.alignment = request_alignment(node, {})
+        self.minibatches = 4
+        self.req: Request | None = None
+
+    # ---- the hook ----------------------------------------------------------------------------
+    def _hook(self, layer: int):
+        def forward(module, hidden, top_k_index, top_k_weights):
+            req = self.req
+            ledger = self.node.device.ledger
+            ledger.set(
+                "activations",
+                memory.main_activation_bytes(self.shape, hidden.shape[0], req.context, self.elem),
+            )
+            if req.phase == "prefill":
+                return prefill.exchange(
+                    self.node.comm,
+                    self.layout,
+                    tick(req.job, 0),
+                    layer,
+                    hidden,
+                    top_k_index,
+                    top_k_weights,
+                    self.minibatches,
+                )
+            return self._decode_layer(req, layer, hidden, top_k_index, top_k_weights)
+
+        return forward
+
+    def _decode_layer(self, req: Request, layer: int, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        comm, mb = self.node.comm, self.node.comm.mailbox
+        n = tick(req.job, req.n)
+        t_gate = now()
+        true = top_k_index[0].tolist()
+        pm = mb.take(key_of(Kind.PREDICT, n, layer))
+        predicted = pm.ints[: len(true)] if pm is not None else None
+        assign = resolve(predicted, true)
+        x = hidden.detach()
+        for w in self.layout.group_workers(layer):
+            comm.send(Layout.worker_rank(w), Kind.HIDDEN, n, layer, assign, x)
+        outs = []
+        for _ in true:
+            try:
+                outs.append(mb.get(key_of(Kind.OUTPUT, n, layer), "", ""))
+            except TimeoutError:  # name the workers whose outputs are missing
+                done = {m.ints[1] for m in outs}
+                late = sorted(
+                    {self.layout.position_worker(layer, p) for p in range(len(true)) if p not in done}
+                )
+                names = ", ".join(Layout.name(Layout.worker_rank(w)) for w in late)
+                raise TimeoutError(
+                    f"timed out after {mb.timeout:g} s waiting for the expert outputs of iteration {req.n} "
+                    f"layer {layer} from {names}"
+                ) from None
+        t_out = now()
+        out = torch.zeros_like(hidden)
+        by_expert = {m.ints[0]: m for m in outs}
+        for e in sorted(by_expert):
+            pos = true.index(e)
+            y = by_expert[e].tensor.to(hidden.device, hidden.dtype)
+            out.index_add_(
+                0,
+                torch.zeros(1, dtype=torch.long, device=hidden.device),
+                (y * top_k_weights[0:1, pos, None]).to(out.dtype),
+            )
+        # position, hit, predicted, reload, stall_us, compute_us, net_us, rx_us, emulated_us
+        stats = np.array([m.ints[1:10] for m in outs])
+        back = max(m.received - m.sent for m in outs), max(max(m.arrive, m.sent) - m.sent for m in outs)
+        req.rows.append(
+            {
+                "n": req.n,
+                "layer": layer,
+                "t_gate": t_gate,
+                "t_main": t_gate - req.prev,
+                "t_worker": t_out - t_gate,
+                "stall": stats[:, 4].max() / 1e6,
+                "compute": stats[:, 5].max() / 1e6,
+                "net_in": stats[:, 6].max() / 1e6,
+                "net_in_transport": stats[:, 7].max() / 1e6,
+                "net_in_emulated": stats[:, 8].max() / 1e6,
+                "net_out_transport": back[0],
+                "net_out_emulated": back[1],
+                "predicted": int(predicted is not None),
+                "mispredicted": 0
+                if predicted is None
+                else sum(p != a for p, a in zip(predicted, assign, strict=True)),
+                "loaded_from_prediction": int(stats[:, 2].sum()),
+                "reloads": int(stats[:, 3].sum()),
+                "hits": int(stats[:, 1].sum()),
+            }
+        )
+        req.prev = t_out
+        return out
+
+    # ---- requests ----------------------------------------------------------------------------
+    def run(self) -> None:
+        out_dir = self.node.out_dir
+        jobs = self.node.spec["jobs"]
+        for i, job in enumerate(jobs):
+            result, layers, logits = self.serve(i, job)
+            if out_dir is not None:
+                _append_jsonl(out_dir / "requests.jsonl", result)
+                pd.DataFrame(layers).to_csv(
+                    out_dir / "layers.csv",
+                    mode="a",
+                    header=not (out_dir / "layers.csv").exists(),
+                    index=False,
+                )
+                if logits is not None:
+                    np.save(out_dir / f"logits-{i}.npy", logits)
+        for r in range(1, self.layout.world_size):
+            self.node.comm.send(r, Kind.START, 0, 0, [-1, 0, 0])
+
+    @torch.no_grad()
+    def serve(self, i: int, job: dict) -> tuple[dict, list[dict], np.ndarray | None]:
+        comm, mb, ledger = self.node.comm, self.node.comm.mailbox, self.node.device.ledger
+        prompt = [int(t) for t in job["prompt"]]
+        P, out_len = len(prompt), int(job["output_len"])
+        check_length(self.model, P, out_len)
+        dev = self.node.torch_device
+        collect = bool(self.node.spec.get("collect_logits", False))
+        req = Request(i, context=P)
+        self.req = req
+        self.alignment = request_alignment(self.node, job)
+        self.minibatches = int(job.get("prefill_minibatches", self.node.system.get("prefill_minibatches", 4)))
+        if self.minibatches < 1:
+            raise OdmoeError(f"prefill_minibatches must be >= 1, got {self.minibatches}")
+        self.node.device.reset_peak()
+        t0 = now()
+        for r in range(1, self.layout.world_size):
+            comm.send(r, Kind.START, 0, 0, [i, P, out_len], torch.tensor(prompt) if r == SHADOW else None)
+        cache = DynamicCache(config=self.model.config)
+        logits = forward_step(self.model, torch.tensor([prompt], device=dev), cache)
+        token = int(logits.argmax())
+        t_first = now()
+        all_logits = [logits.float().cpu().numpy()] if collect else None
+        ledger.set("kv", _cache_bytes(cache))
+        ledger.set("activations", 0)
+        prefill_peak = self.node.device.peak_bytes()
+        self.node.device.reset_peak()
+        tokens = [token]
+        self.last_aligned = 0
+        self._send_done(req, cache, 0, token, P)
+        if self.node.out_dir is not None:
+            (self.node.out_dir / "status").write_text(f"decoding request {i}\n")
+        iterations = []
+        for n in range(1, out_len):
+            req.n, req.phase, req.context = n, "decode", P + n
+            req.prev = t_it = now()
+            logits = forward_step(self.model, torch.tensor([[token]], device=dev), cache)
+            token = int(logits.argmax())
+            tokens.append(token)
+            if collect:
+                all_logits.append(logits.float().cpu().numpy())
+            ledger.set("kv", _cache_bytes(cache))
+            ledger.set("activations", 0)
+            self._send_done(req, cache, n, token, P)
+            t_end = now()
+            iterations.append((n, t_it, req.prev, t_end))
+        t_last = now()
+        decode_peak = self.node.device.peak_bytes()
+        ends = {}
+        for r in range(1, self.layout.world_size):
+            ends[r] = mb.get(key_of(Kind.JOB_END, tick(i, 0), r), "end-of-request statistics", Layout.name(r))
+        layers = req.rows
+        result = self._summarize(
+            job,
+            i,
+            P,
+            out_len,
+            t0,
+            t_first,
+            t_last,
+            tokens,
+            iterations,
+            layers,
+            ends,
+            prefill_peak,
+            decode_peak,
+        )
+        for row in layers:
+            row["job"] = i
+            row["request"] = job.get("id", str(i))
+        return result, layers, (np.stack(all_logits) if collect else None)
+
+    def _send_done(self, req: Request, cache: DynamicCache, n: int, token: int, P: int) -> None:
+        """Tell the shadow iteration n is over: the next token (if token alignment is due at n + 1) and
+        the KV rows it must overwrite (if KV alignment is due, or the prompt's after prefill)."""
+        al, m = self.alignment, n + 1
+        ints = [token if al.token_at(m) else -1, 0, 0]
+        start = count = 0
+        if n == 0 and al.prompt_kv:
+            start, count = 0, P
+        elif al.kv_at(m):
+            first = self.last_aligned + 1 if al.kv_positions == "since_last" else n
+            start, count = P + first - 1, n - first + 1
+            self.last_aligned = n
+        kv = None
+        if count:
+            kv = torch.stack(
+                [
+                    torch.stack(
+                        [layer.keys[0, :, start : start + count], layer.values[0, :, start : start + count]]
+                    )
+                    for layer in cache.layers
+                ]
+            )
+            ints[1:3] = [start, count]
+        self.node.comm.send(SHADOW, Kind.DONE, tick(req.job, n), 0, ints, kv)
+
+    def _summarize(
+        self,
+        job,
+        i,
+        P,
+        out_len,
+        t0,
+        t_first,
+        t_last,
+        tokens,
+        iterations,
+        layers,
+        ends,
+        prefill_peak,
+        decode_peak,
+    ) -> dict:
+        df = pd.DataFrame(layers)
+        lm = len(self.layout.moe_layers)
+        decode_s = t_last - t_first
+        if len(df):
+            df["bound"] = df["t_main"] + df["t_worker"] - df["stall"]
+        tails = sum(t_end - t_prev for _, _, t_prev, t_end in iterations)
+        bound = float(df["bound"].sum() + tails) if len(df) else decode_s
+        shadow_end = ends.get(SHADOW)
+        lead = _lead(df, shadow_end.tensor if shadow_end is not None else None, lm)
+        for row, b, ld in zip(layers, df.get("bound", []), df.get("lead", [None] * len(df)), strict=False):
+            row["bound"], row["lead"] = float(b), (None if ld is None else int(ld))
+        workers = [ends[Layout.worker_rank(w)] for w in range(self.layout.num_workers)]
+        peak_workers = [int(m.ints[3]) for m in workers]
+        peak_shadow = int(shadow_end.ints[1]) if shadow_end is not None else 0
+        out = {
+            "request": job.get("id", str(i)),
+            "job": i,
+            "prompt_len": P,
+            "output_len": out_len,
+            "tokens": tokens,
+            "ttft_s": t_first - t0,
+            "decode_s": decode_s,
+            "decode_tok_s": (out_len - 1) / decode_s if out_len > 1 and decode_s > 0 else float("nan"),
+            "output_tok_s": out_len / (t_last - t0),
+            "lower_bound_s": bound,
+            "stall_s": float(df["stall"].sum()) if len(df) else 0.0,
+            "stalled_layers": int((df["stall"] > 0.0005).sum()) if len(df) else 0,
+            "mispredicted_experts": int(df["mispredicted"].sum()) if len(df) else 0,
+            "unpredicted_layers": int((1 - df["predicted"]).sum()) if len(df) else 0,
+            "reloads": int(df["reloads"].sum()) if len(df) else 0,
+            "expert_slots_hit": int(df["hits"].sum()) if len(df) else 0,
+            "expert_slots": int(len(df) * self.layout.top_k),
+            "t_main_mean_s": float(df["t_main"].mean()) if len(df) else 0.0,
+            "t_worker_nostall_mean_s": float((df["t_worker"] - df["stall"]).mean()) if len(df) else 0.0,
+            "tail_mean_s": tails / max(1, len(iterations)),
+            "bytes_loaded": int(sum(m.ints[2] for m in workers)),
+            "loads": int(sum(m.ints[1] for m in workers)),
+            "peak_main": int(decode_peak),
+            "peak_shadow": peak_shadow,
+            "peak_workers": peak_workers,
+            "peak_total": int(decode_peak + peak_shadow + sum(peak_workers)),
+            "prefill_peak_main": int(prefill_peak),
+            "prefill_peak_shadow": int(shadow_end.ints[2]) if shadow_end is not None else 0,
+            "prefill_peak_workers": [int(m.ints[4]) for m in workers],
+            "worker_host_bytes": [int(m.ints[9]) for m in workers],
+            "main_weights": int(self.weight_bytes),
+            "shadow_weights": int(shadow_end.ints[3]) if shadow_end is not None else 0,
+            "shadow_restarts": int(shadow_end.ints[6]) if shadow_end is not None else 0,
+            "lead": lead,
+        }
+        return out
+
+
+def _lead(df: pd.DataFrame, log: torch.Tensor | None, lm: int) -> dict:
+    """How many MoE layers ahead of the main node the shadow was when the main node's router ran.
+
+    Sequence index of (n, slot) = (n - 1) * Lm + slot. At each main gate time, the shadow's progress is
+    the largest index it had emitted by then; lead = progress - index (negative: behind).
+    """
+    if log is None or len(log) == 0 or not len(df):
+        return {}
+    log = log.numpy()
+    order = np.argsort(log[:, 2])
+    seq = (log[order, 0] - 1) * lm + log[order, 1]
+    times = log[order, 2]
+    progress = np.maximum.accumulate(seq)
+    layer_slot = {layer: s for s, layer in enumerate(sorted(df["layer"].unique()))}
+    idx = (df["n"].to_numpy() - 1) * lm + df["layer"].map(layer_slot).to_numpy()
+    pos = np.searchsorted(times, df["t_gate"].to_numpy(), side="right") - 1
+    prog = np.where(pos >= 0, progress[np.clip(pos, 0, None)], -1)
+    lead = (prog - idx).astype(int)
+    df["lead"] = lead
+    values, counts = np.unique(np.clip(lead, -lm, 2 * lm), return_counts=True)
+    return {
+        "mean": float(lead.mean()),
+        "p10": float(np.percentile(lead, 10)),
+        "p50": float(np.percentile(lead, 50)),
+        "p90": float(np.percentile(lead, 90)),
+        "ahead_share": float((lead >= 0).mean()),
+        "hist": {int(v): int(c) for v, c in zip(values, counts, strict=True)},
+    }
+
+
+def _cache_bytes(cache: DynamicCache) -> int:
+    return sum(
+        layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.keys is not None
+    )
+
+
+def _append_jsonl(path: Path, obj: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(obj) + "\n")

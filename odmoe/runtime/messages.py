@@ -1,0 +1,313 @@
+"""Small typed messages between ranks over ``torch.distributed`` point-to-point, and their mailbox.
+
+Every message is one fixed-size int64 tensor: a 32-word header (kind, iteration ``n``, layer, up to
+16 small ints, the payload's dtype and shape (up to 6 dims), send and emulated arrival times) followed by an inline
+area for payloads up to :data:`INLINE_BYTES` (a decode hidden vector of the embedded model fits).
+Larger payloads follow as a second message with another tag. One message per small exchange keeps
+the per-hop cost low: on gloo a receive posted in advance and one send is the cheapest exchange.
+
+Receiving: one thread per peer this rank hears from, each blocked in ``dist.recv(src=peer)``
+(any-source receives are several times slower on gloo), files messages into a :class:`Mailbox`
+keyed by (kind, n, layer[, first int]). A peer whose connection breaks is reported by name; so is a
+wait that exceeds the run's timeout.
+
+Messages travel as CPU tensors (on CUDA the runtime stages them through host memory, like the
+paper's "serialize into a packet, deliver over the LAN, deserialize onto the GPU").
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from odmoe.device import Nic, now, sleep_until
+from odmoe.runtime.layout import Layout
+
+HEADER = 32
+MAX_INTS = 16
+MAX_DIMS = 6
+INLINE_BYTES = 2048
+TAG_MSG, TAG_PAYLOAD = 7, 8
+
+
+class Kind(IntEnum):
+    START = 1  # main -> all: a new request (ints: job index, prompt length, output length; tensor: prompt)
+    STOP = 2  # main -> all: no more requests
+    PREDICT = 3  # shadow -> worker: predicted experts of (n, layer) (ints: experts in router order)
+    HIDDEN = 4  # main -> worker: hidden state of (n, layer) (ints: true experts; tensor [T, H])
+    OUTPUT = 5  # worker -> main: one expert's raw output (ints: expert, position, stats; tensor [T, H])
+    PREFILL = 6  # main -> worker: prefill rows for (layer, expert) (ints: expert, chunk, last; tensor)
+    PREFILL_OUT = 7  # worker -> main: output rows of one chunk (ints: expert, chunk; tensor)
+    DONE = 8  # main -> shadow: iteration n finished (ints: next token or -1, first KV row, rows; tensor KV)
+    JOB_END = 9  # worker/shadow -> main: per-request statistics (ints and a float64 tensor)
+
+
+KEYED_BY_FIRST_INT = {Kind.PREFILL, Kind.PREFILL_OUT}
+LATEST_WINS = {Kind.PREDICT}  # a shadow that reruns an iteration corrects its earlier predictions
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.float64]
+_CODE = {d: i for i, d in enumerate(_DTYPES)}
+
+
+@dataclass
+class Message:
+    kind: Kind
+    src: int
+    n: int
+    layer: int
+    ints: list[int]
+    tensor: torch.Tensor | None
+    sent: float  # sender's wall clock at send
+    arrive: float  # emulated arrival time (0: not emulated)
+    received: float  # when the receive thread had it
+
+    @property
+    def key(self) -> tuple:
+        return key_of(
+            self.kind, self.n, self.layer, self.ints[0] if self.kind in KEYED_BY_FIRST_INT else None
+        )
+
+
+def key_of(kind: Kind, n: int = 0, layer: int = 0, first: int | None = None) -> tuple:
+    return (int(kind), int(n), int(layer)) if first is None else (int(kind), int(n), int(layer), int(first))
+
+
+class PeerLost(RuntimeError):
+    """A peer's connection broke: it died or closed its process group."""
+
+
+class RunAborted(RuntimeError):
+    """Another rank reported a failure; the message names the rank that failed first."""
+
+
+class Mailbox:
+    """Messages by key, each usable once its emulated arrival time has passed."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.cond = threading.Condition()
+        self.boxes: dict[tuple, collections.deque[Message]] = collections.defaultdict(collections.deque)
+        self.error: BaseException | None = None
+
+    def put(self, msg: Message) -> None:
+        with self.cond:
+            box = self.boxes[msg.key]
+            if msg.kind in LATEST_WINS:
+                box.clear()
+            box.append(msg)
+            self.cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = error
+            self.cond.notify_all()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def peek(self, key: tuple) -> Message | None:
+        """The first message under ``key`` if it has arrived (emulated time included), without taking it."""
+        with self.cond:
+            box = self.boxes.get(key)
+            if box and box[0].arrive <= now():
+                return box[0]
+            return None
+
+    def take(self, key: tuple) -> Message | None:
+        with self.cond:
+            box = self.boxes.get(key)
+            if not box or box[0].arrive > now():
+                return None
+            msg = box.popleft()
+            if not box:
+                del self.boxes[key]
+            return msg
+
+    def discard(self, key: tuple) -> None:
+        with self.cond:
+            self.boxes.pop(key, None)
+
+    def get(self, key: tuple, what: str, peer: str) -> Message:
+        """Block until a message under ``key`` has arrived; after ``timeout`` s name what and whom we waited for."""
+        deadline = now() + self.timeout
+        with self.cond:
+            while True:
+                self.check()
+                box = self.boxes.get(key)
+                if box:
+                    msg = box[0]
+                    break
+                left = deadline - now()
+                if left <= 0:
+                    raise TimeoutError(f"timed out after {self.timeout:g} s waiting for {what} from {peer}")
+                self.cond.wait(min(left, 0.5))
+        sleep_until(msg.arrive)
+        with self.cond:
+            box = self.boxes[key]
+            box.popleft()
+            if not box:
+                del self.boxes[key]
+        return msg
+
+    def wait_change(self, seconds: float) -> None:
+        """Sleep until something is put or a message's emulated arrival comes (at most ``seconds``)."""
+        with self.cond:
+            self.check()
+            t = now()
+            pending = [box[0].arrive for box in self.boxes.values() if box and box[0].arrive > t]
+            if pending:
+                seconds = min(seconds, min(pending) - t)
+            if seconds > 0:
+                self.cond.wait(seconds)
+            self.check()
+
+    def notify(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+
+def _pack(kind, n, layer, ints, tensor, sent, arrive) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One message buffer (header + inline payload), and the payload to send after it if it is too big.
+
+    Built through numpy views: this runs on the critical path twice per layer.
+    """
+    if len(ints) > MAX_INTS:
+        raise ValueError(f"at most {MAX_INTS} ints per message, got {len(ints)}")
+    arr = np.zeros(HEADER + INLINE_BYTES // 8, dtype=np.int64)
+    arr[:4] = (int(kind), int(n), int(layer), len(ints))
+    arr[4] = -1
+    arr[12:14] = (int(sent * 1e6), int(arrive * 1e6))
+    arr[16 : 16 + len(ints)] = ints
+    payload = None
+    if tensor is not None:
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        if t.dim() > MAX_DIMS:
+            raise ValueError(f"payload tensors have at most {MAX_DIMS} dimensions")
+        nbytes = t.numel() * t.element_size()
+        arr[4:6] = (_CODE[t.dtype], t.dim())
+        arr[6 : 6 + t.dim()] = t.shape
+        arr[14] = nbytes
+        if nbytes and nbytes <= INLINE_BYTES:
+            arr[HEADER:].view(np.uint8)[:nbytes] = t.reshape(-1).view(torch.uint8).numpy()
+        elif nbytes:
+            payload = t.reshape(-1).view(torch.uint8)
+    return torch.from_numpy(arr), payload
+
+
+def _unpack(buf: torch.Tensor, src: int, recv_payload: Callable[[int], torch.Tensor]) -> Message:
+    h = buf[:HEADER].tolist()
+    kind, n, layer, nints, code, ndim = h[0], h[1], h[2], h[3], h[4], h[5]
+    ints = h[16 : 16 + nints]
+    tensor = None
+    if code >= 0:
+        dtype = _DTYPES[code]
+        shape = h[6 : 6 + ndim]
+        nbytes = h[14]
+        raw = (
+            buf[HEADER:].view(torch.uint8)[:nbytes].clone()
+            if nbytes <= INLINE_BYTES
+            else recv_payload(nbytes)
+        )
+        tensor = raw.view(dtype).reshape(shape)
+    return Message(Kind(kind), src, n, layer, ints, tensor, h[12] / 1e6, h[13] / 1e6, now())
+
+
+class Comm:
+    """This rank's messaging: sends (priced by the node's NIC) and a mailbox fed by per-peer threads."""
+
+    def __init__(self, rank: int, peers: Iterable[int], nic: Nic, timeout: float):
+        self.rank = rank
+        self.nic = nic
+        self.mailbox = Mailbox(timeout)
+        self.stopping = False
+        self.bytes_sent = 0
+        self.messages_sent = 0
+        self._send_lock = threading.Lock()
+        self._pending: collections.deque = collections.deque()
+        self.max_pending = 256
+        self._threads = []
+        for peer in sorted(set(peers) - {rank}):
+            t = threading.Thread(target=self._receive, args=(peer,), name=f"rx-{peer}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def send(
+        self,
+        dst: int,
+        kind: Kind,
+        n: int = 0,
+        layer: int = 0,
+        ints: Sequence[int] = (),
+        tensor: torch.Tensor | None = None,
+    ) -> None:
+        nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
+        with self._send_lock:
+            sent = now()
+            buf, payload = _pack(kind, n, layer, ints, tensor, sent, self.nic.arrival(nbytes))
+            try:
+                # isend: gloo's send waits for the receiver's side of the rendezvous; the caller should not
+                # (it is on the critical path). Works complete in order per peer; they are reaped later.
+                self._pending.append((dst, dist.isend(buf, dst, tag=TAG_MSG), buf))
+                if payload is not None:
+                    self._pending.append((dst, dist.isend(payload, dst, tag=TAG_PAYLOAD), payload))
+                while len(self._pending) > self.max_pending:
+                    self._reap()
+            except RuntimeError as e:
+                raise PeerLost(f"{Layout.name(dst)} is unreachable ({_short(e)})") from None
+            self.bytes_sent += nbytes
+            self.messages_sent += 1
+
+    def _reap(self) -> None:
+        dst, work, _ = self._pending.popleft()
+        if not work.wait():
+            raise PeerLost(f"a message to {Layout.name(dst)} was not delivered")
+
+    def flush(self) -> None:
+        """Wait until every message sent so far has been delivered."""
+        with self._send_lock:
+            try:
+                while self._pending:
+                    self._reap()
+            except RuntimeError as e:
+                raise PeerLost(f"a peer became unreachable ({_short(e)})") from None
+
+    def _receive(self, peer: int) -> None:
+        def payload(nbytes: int) -> torch.Tensor:
+            t = torch.empty(nbytes, dtype=torch.uint8)
+            dist.recv(t, peer, tag=TAG_PAYLOAD)
+            return t
+
+        try:
+            while True:
+                buf = torch.empty(HEADER + INLINE_BYTES // 8, dtype=torch.int64)
+                dist.recv(buf, peer, tag=TAG_MSG)
+                msg = _unpack(buf, peer, payload)
+                if msg.kind == Kind.STOP:
+                    self.stopping = True
+                self.mailbox.put(msg)
+        except Exception as e:  # the connection broke: the peer died, or everyone is shutting down
+            if not self.stopping:
+                self.mailbox.fail(PeerLost(f"lost the connection to {Layout.name(peer)} ({_short(e)})"))
+
+
+def _short(e: BaseException) -> str:
+    """The gist of a transport error ("Connection reset by peer"), not gloo's whole paragraph."""
+    text = str(e).strip()
+    m = re.search(r"(Connection [a-z ]+|Socket [a-z ]+|Timed out [a-z ]+)", text)
+    if m:
+        return m.group(1).strip()
+    lines = text.splitlines()
+    return lines[0][:160] if lines else type(e).__name__

@@ -1,0 +1,207 @@
+"""What every rank of an OD-MoE cluster shares: its spec, layout, device, messages and failure handling.
+
+A rank fails *loudly and once*: the first rank that sees a problem (an exception, a broken
+connection to a peer, a wait longer than ``system.timeout_s``) publishes one line naming the rank at
+fault in the rendezvous store and exits (a rank whose heartbeat in the store has stopped is blamed for
+a timeout ahead of the peer that was being waited on, so a stopped worker is named, not the main node
+that waits for it); a watchdog thread in every other rank polls that key (every 0.5 s) and
+exits with the same line, so the whole cluster is gone within the timeout plus a second. A rank that is killed outright is noticed by every rank that receives from it (its
+connection breaks); one that hangs, by the rank waiting on it (the wait times out).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from odmoe.device import Device, make_device
+from odmoe.hardware import HardwareProfile, profile_from_config
+from odmoe.runtime.layout import MAIN, SHADOW, Layout
+from odmoe.runtime.messages import Comm
+
+JOB_STRIDE = 1 << 20  # message iteration numbers are job * JOB_STRIDE + n, so requests never mix
+
+
+def tick(job: int, n: int) -> int:
+    return job * JOB_STRIDE + n
+
+
+@dataclass
+class Node:
+    """One rank's context. ``spec`` is the plain dict the launcher built (see ``odmoe.launch``)."""
+
+    spec: dict[str, Any]
+    rank: int
+    layout: Layout
+    profile: HardwareProfile
+    torch_device: torch.device
+    device: Device
+    comm: Comm
+    store: Any
+    out_dir: Path | None
+    timeout: float
+    run_id: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return Layout.name(self.rank)
+
+    @property
+    def system(self) -> dict[str, Any]:
+        return self.spec["system"]
+
+    def key(self, name: str) -> str:
+        return f"odmoe/{self.run_id}/{name}"
+
+    # ---- failure ---------------------------------------------------------------------------
+    def fail(self, error: BaseException | str) -> None:
+        """Publish this rank's failure (unless another rank's came first), print one line, exit."""
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        if isinstance(error, BaseException) and type(error).__name__ in (
+            "PeerLost",
+            "TimeoutError",
+            "OdmoeError",
+        ):
+            text = str(error)
+        if isinstance(error, TimeoutError):  # a wait timed out: blame a rank that stopped running, if any
+            stale = self.stale_rank()
+            if stale is not None:
+                text = (
+                    f"{Layout.name(stale[0])} stopped responding (no heartbeat for {stale[1]:.1f} s; {text})"
+                )
+        mine = f"{self.name}: {text}"
+        try:
+            first = self.store.compare_set(self.key("abort"), "", mine).decode()
+        except Exception:
+            first = mine
+        _write_failure(self.out_dir, first)
+        line = mine if first == mine else f"{self.name}: stopping because {first}"
+        print(f"odmoe: {line}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    HEARTBEAT_S = 1.0
+    POLL_S = 0.5  # how often the watchdog looks for another rank's failure
+
+    def stale_rank(self) -> tuple[int, float] | None:
+        """The rank whose watchdog heartbeat is oldest, if it is older than a few heartbeats."""
+        try:
+            t = time.time()
+            ages = {
+                r: t - float(self.store.get(self.key(f"hb/{r}")).decode())
+                for r in range(self.layout.world_size)
+                if r != self.rank and self.store.check([self.key(f"hb/{r}")])
+            }
+        except Exception:
+            return None
+        if not ages:
+            return None
+        rank = max(ages, key=ages.get)
+        return (rank, ages[rank]) if ages[rank] > 2.5 * self.HEARTBEAT_S else None
+
+    def start_watchdog(self) -> None:
+        def watch() -> None:
+            key = self.key("abort")
+            beat = 0.0
+            while True:
+                time.sleep(self.POLL_S)
+                try:
+                    if time.time() - beat >= self.HEARTBEAT_S:
+                        beat = time.time()
+                        self.store.set(self.key(f"hb/{self.rank}"), str(beat))
+                    if self.store.check([key]):
+                        first = self.store.get(key).decode()
+                        print(f"odmoe: {self.name}: stopping because {first}", file=sys.stderr, flush=True)
+                        os._exit(1)
+                except Exception as e:  # the store is gone: its host (torchrun agent or spawner) died
+                    if self.comm.stopping:
+                        return
+                    print(
+                        f"odmoe: {self.name}: stopping because the rendezvous store is unreachable ({e})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    os._exit(1)
+
+        threading.Thread(target=watch, name="watchdog", daemon=True).start()
+
+    def barrier(self, name: str, timeout: float) -> None:
+        """All ranks reach ``name`` (store counter), or fail naming how many did not."""
+        key = self.key(f"barrier/{name}")
+        self.store.add(key, 1)
+        deadline = time.time() + timeout
+        world = self.layout.world_size
+        while (count := self.store.add(key, 0)) < world:
+            if time.time() > deadline:
+                raise TimeoutError(f"only {count} of {world} ranks reached '{name}' within {timeout:g} s")
+            time.sleep(0.05)
+
+
+def _write_failure(out_dir: Path | None, text: str) -> None:
+    if out_dir is None:
+        return
+    try:
+        fd = os.open(out_dir / "failure.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+    except OSError:
+        pass
+
+
+def peers(rank: int, layout: Layout) -> list[int]:
+    """Ranks this rank receives messages from."""
+    workers = [Layout.worker_rank(w) for w in range(layout.num_workers)]
+    if rank == MAIN:
+        return [SHADOW, *workers]
+    if rank == SHADOW:
+        return [MAIN]
+    return [MAIN, SHADOW]
+
+
+def pick_torch_device(spec_device: str, local_rank: int) -> torch.device:
+    if spec_device == "cuda" or (spec_device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    return torch.device("cpu")
+
+
+def connect(spec: dict[str, Any], layout: Layout, out_dir: Path | None) -> Node:
+    """Join the process group (torchrun-style environment) and build this rank's context."""
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world != layout.world_size:
+        from odmoe.errors import OdmoeError
+
+        raise OdmoeError(
+            f"{world} processes were started but the layout needs {layout.world_size} "
+            f"(main + shadow + {layout.num_workers} workers); use --nproc-per-node/--nnodes giving "
+            f"{layout.world_size} in all, or system.workers={world - 2}"
+        )
+    torch_device = pick_torch_device(spec.get("device", "cpu"), local_rank)
+    backend = "cpu:gloo,cuda:nccl" if torch_device.type == "cuda" else "gloo"
+    startup = float(spec["system"].get("startup_timeout_s", 600))
+    # The process-group timeout is long on purpose: receive threads wait for the next message for as long
+    # as a run lasts; liveness is the watchdog's job (system.timeout_s).
+    dist.init_process_group(backend, timeout=datetime.timedelta(days=1))
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=datetime.timedelta(seconds=startup),
+    )
+    profile = profile_from_config(spec["hardware"])
+    role = Layout.role(rank)
+    device = make_device(profile, role, torch_device)
+    timeout = float(spec["system"].get("timeout_s", 60))
+    comm = Comm(rank, peers(rank, layout), device.nic, timeout)
+    run_id = spec.get("run_id") or os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    return Node(spec, rank, layout, profile, torch_device, device, comm, store, out_dir, timeout, run_id)

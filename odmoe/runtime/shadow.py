@@ -1,0 +1,299 @@
+"""The shadow node: runs a predictor ahead of the main node and tells workers what to load.
+
+Predictors (``system.shadow.predictor``):
+
+* ``sep``: the SEP shadow of ``odmoe.predict.shadow.build_shadow`` at ``system.shadow.precision``
+  (fp32 is an exact copy, recall 1; fp16 / int8 / nf4 are the paper's). Its own router decisions,
+  captured in the expert hook the moment each layer's routing is known, are the predictions.
+* ``inverted``: a deliberately wrong predictor: an exact copy whose *bottom*-k experts are sent, so
+  every prediction misses (E >= 2k). Output must not change, only the time.
+* ``random``: k experts drawn uniformly without replacement per layer (Fig. 8 case 5).
+* ``none``: no predictions; workers load after the main node's routing (Fig. 8 case 6).
+
+Each prediction (n, layer, experts) goes to the workers of that layer's group and to the main
+node (which settles slot assignment by set matching, so a whole group agrees on it).
+
+Alignment (PAPER.md §4.3-4.4, periods from ``odmoe.predict.sep.Alignment``): before iteration n
+the shadow waits for the main node's DONE(n-1) whenever token or KV alignment is due at n, applies
+the true token and/or overwrites its KV rows with the main node's; that wait is the *late
+departure*. On iterations without alignment it continues from its own argmax and own KV, but never
+runs more than one token ahead: it waits for DONE(n-2) (PAPER.md §11 item 8).
+
+``system.shadow.departure: speculative`` (an extension, not the paper) removes the late departure: the
+shadow starts iteration n on its own argmax as soon as the lead cap allows, and applies DONE(n-1)
+between layers the moment it arrives (KV rows overwritten in place). If the main node's token differs
+from the one it departed with, it drops the rows it appended and reruns iteration n on the true token,
+re-sending its predictions (counted as ``shadow_restarts``); output is never affected, only timing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from odmoe.device import now
+from odmoe.errors import OdmoeError
+from odmoe.models.load import load_model
+from odmoe.predict.sep import Alignment
+from odmoe.runtime import memory
+from odmoe.runtime.layout import MAIN, Layout
+from odmoe.runtime.messages import Kind, key_of
+from odmoe.runtime.node import Node, tick
+from odmoe.trace import forward_step
+
+PREDICTORS = ("sep", "inverted", "random", "none")
+
+
+def request_alignment(node: Node, job: dict) -> Alignment:
+    """The alignment of one request: ``system.shadow``, overridden by the request's own ``shadow`` dict
+    (so one cluster can serve requests under several alignment modes, as the tests do)."""
+    cfg = {**node.system.get("shadow", {}), **job.get("shadow", {})}
+    return Alignment.parse(
+        str(cfg.get("alignment", "T1_KV1")),
+        cfg.get("kv_positions", "since_last"),
+        bool(cfg.get("prompt_kv", False)),
+    )
+
+
+class ShadowNode:
+    def __init__(self, node: Node):
+        self.node = node
+        self.layout: Layout = node.layout
+        cfg = node.system.get("shadow", {})
+        self.kind = cfg.get("predictor", "sep")
+        if self.kind not in PREDICTORS:
+            raise OdmoeError(
+                f"unknown system.shadow.predictor {self.kind!r}; use one of {', '.join(PREDICTORS)}"
+            )
+        self.rng = np.random.default_rng(int(node.spec.get("seed", 0)))
+        nice = int(cfg.get("nice", 0))
+        if (
+            nice > 0
+        ):  # emulation on shared cores only: let the critical path (main, workers) preempt the shadow
+            os.nice(nice)
+        self.model = None
+        self.emitting = False
+        self.log: list[tuple[int, int, float]] = []
+        self.n = 0
+        if self.kind in ("sep", "inverted"):
+            self._build(cfg)
+
+    def _build(self, cfg: dict) -> None:
+        from odmoe.predict.shadow import build_shadow
+
+        m = self.node.spec["model"]
+        lm = load_model(m["name"], m.get("path"), m.get("dtype", "float32"), str(self.node.torch_device))
+        precision = "fp32" if self.kind == "inverted" else str(cfg.get("precision", "int8"))
+        shadow = build_shadow(lm.model, lm.adapter, precision)
+        self.model, self.adapter = shadow.model, shadow.adapter
+        self.elem = 4 if precision == "fp32" else 2
+        self.shape = memory.shape_from_config(self.model.config)
+        self.node.device.ledger.set("weights/shadow", shadow.weight_bytes()["total"])
+        self.precision = precision
+        for layer in self.adapter.moe_layers:
+            compute = self.adapter.experts(layer).odmoe_forward  # the shadow's own (quantized) experts
+            self.adapter.set_experts_forward(layer, self._hook(layer, compute))
+
+    def _hook(self, layer: int, compute):
+        def forward(module, hidden, top_k_index, top_k_weights):
+            if self.emitting:
+                if self.speculative:
+                    self._poll()
+                if self.kind == "inverted":
+                    logits = self.adapter.router(layer)(hidden)[0]
+                    experts = torch.topk(logits[0].float(), self.layout.top_k, largest=False).indices.tolist()
+                else:
+                    experts = top_k_index[0].tolist()
+                self._emit(layer, experts)
+            rows = hidden.shape[0]
+            ledger = self.node.device.ledger
+            ledger.set(
+                "activations",
+                memory.main_activation_bytes(self.shape, rows, self._context, self.elem)
+                + memory.worker_activation_bytes(rows, self.shape.hidden, self.shape.expert_ff, self.elem),
+            )
+            return compute(module, hidden, top_k_index, top_k_weights)
+
+        return forward
+
+    def _emit(self, layer: int, experts: list[int]) -> None:
+        n = tick(self.job, self.n)
+        comm = self.node.comm
+        for w in self.layout.group_workers(layer):
+            comm.send(Layout.worker_rank(w), Kind.PREDICT, n, layer, experts)
+        comm.send(MAIN, Kind.PREDICT, n, layer, experts)
+        self.log.append((self.n, self.layout.slot_of(layer), now()))
+
+    # ---- requests -------------------------------------------------------------------------
+    def run(self) -> None:
+        mb = self.node.comm.mailbox
+        while True:
+            start = mb.get(key_of(Kind.START), "the next request (START)", Layout.name(MAIN))
+            job, prompt_len, output_len = start.ints[:3]
+            if job < 0:
+                return
+            self.serve(job, start.tensor.tolist(), output_len)
+
+    def serve(self, job: int, prompt: list[int], output_len: int) -> None:
+        self.job, self.log, self.n, self.restarts = job, [], 0, 0
+        job_cfg = self.node.spec["jobs"][job]
+        self.alignment = request_alignment(self.node, job_cfg)
+        departure = {**self.node.system.get("shadow", {}), **job_cfg.get("shadow", {})}.get(
+            "departure", "aligned"
+        )
+        if departure not in ("aligned", "speculative"):
+            raise OdmoeError(
+                f"unknown shadow departure {departure!r}; use aligned (the paper) or speculative"
+            )
+        self.speculative = departure == "speculative" and self.model is not None
+        ledger = self.node.device.ledger
+        self.node.device.reset_peak()
+        self._consumed = -1  # highest DONE(m) taken
+        prefill_peak = self.node.device.peak_bytes()
+        if self.kind != "none":
+            prefill_peak = self._decode(job, prompt, output_len)
+        log = torch.tensor(self.log, dtype=torch.float64).reshape(-1, 3)
+        cats = ledger.peak_by_category()
+        ints = [
+            job,
+            self.node.device.peak_bytes(),
+            prefill_peak,
+            cats.get("weights", 0),
+            cats.get("kv", 0),
+            cats.get("activations", 0),
+            self.restarts,
+        ]
+        self.node.comm.send(MAIN, Kind.JOB_END, tick(job, 0), self.node.rank, ints, log)
+
+    @torch.no_grad()
+    def _decode(self, job: int, prompt: list[int], output_len: int) -> int:
+        """The shadow's own prefill, then decode iterations 1 .. output_len - 1; returns the prefill peak."""
+        ledger = self.node.device.ledger
+        self.P = P = len(prompt)
+        self.cache = None
+        self.used: dict[int, int] = {}  # iteration -> the token the shadow fed
+        self.override: dict[int, int] = {}  # iteration -> the main node's token, when it came first
+        own = -1
+        if self.model is not None:
+            self.cache = DynamicCache(config=self.model.config)
+            self._context = P
+            logits = forward_step(
+                self.model, torch.tensor([prompt], device=self.node.torch_device), self.cache
+            )
+            own = int(logits.argmax())
+            ledger.set("kv", _cache_bytes(self.cache))
+            ledger.set("activations", 0)
+        prefill_peak = self.node.device.peak_bytes()
+        self.node.device.reset_peak()
+        for n in range(1, output_len):
+            self.n = n
+            if self.kind == "random":
+                self._consume(n - 2)  # lead cap only: random predictions need no alignment
+                for layer in self.layout.moe_layers:
+                    experts = self.rng.choice(self.layout.num_experts, self.layout.top_k, replace=False)
+                    self._emit(layer, [int(e) for e in experts])
+                continue
+            al = self.alignment
+            due = al.token_at(n) or al.kv_at(n) or (n == 1 and al.prompt_kv)
+            self._consume(n - 1 if due and not self.speculative else n - 2)
+            own = self._iteration(n, self.override.pop(n, own))
+        return prefill_peak
+
+    def _iteration(self, n: int, token: int) -> int:
+        """Run decode iteration n on ``token``, emitting predictions; rerun it if a speculative start
+        turns out to have used the wrong token. Returns the shadow's own argmax."""
+        ledger = self.node.device.ledger
+        while True:
+            self.used[n] = token
+            self.n, self._context = n, self.P + n
+            self.emitting = True
+            try:
+                logits = forward_step(
+                    self.model, torch.tensor([[token]], device=self.node.torch_device), self.cache
+                )
+                break
+            except _Restart as r:  # the main node's token differs from the one we departed with
+                _truncate(self.cache, self.P + n - 1)
+                token = r.token
+                self.restarts += 1
+            finally:
+                self.emitting = False
+        ledger.set("kv", _cache_bytes(self.cache))
+        ledger.set("activations", 0)
+        return int(logits.argmax())
+
+    def _consume(self, upto: int) -> None:
+        """Take and apply DONE(m) for every m <= ``upto`` not yet taken (blocking)."""
+        mb = self.node.comm.mailbox
+        for m in range(self._consumed + 1, upto + 1):
+            msg = mb.get(
+                key_of(Kind.DONE, tick(self.job, m)), f"the end of iteration {m} (DONE)", Layout.name(MAIN)
+            )
+            self._apply(m, msg, during=None)
+
+    def _apply(self, m: int, msg, during: int | None) -> None:
+        """Apply DONE(m), the alignment for iteration m + 1: overwrite KV rows, fix the token.
+
+        ``during`` is the iteration being computed when DONE(m) is applied from inside the forward pass
+        (speculative departure); a wrong token there restarts that iteration.
+        """
+        self._consumed = m
+        if msg.tensor is not None and self.cache is not None:
+            _overwrite_kv(self.cache, msg.tensor, msg.ints[1], msg.ints[2])
+        token, it = msg.ints[0], m + 1
+        if token < 0 or self.model is None:
+            return
+        if it not in self.used:
+            self.override[it] = token  # aligned before departure: the paper's protocol
+        elif self.used[it] != token:
+            if during == it:
+                raise _Restart(token)
+            # iteration m + 1 already ran on a wrong token (speculative): redo it before going on
+            _truncate(self.cache, self.P + it - 1)
+            saved = self.n
+            self._iteration(it, token)
+            self.n = saved
+            self.restarts += 1
+
+    def _poll(self) -> None:
+        """Speculative departure: apply the pending alignment as soon as it arrives, between layers."""
+        m = self.n - 1
+        if self._consumed == m - 1:
+            msg = self.node.comm.mailbox.take(key_of(Kind.DONE, tick(self.job, m)))
+            if msg is not None:
+                self._apply(m, msg, during=self.n)
+
+
+class _Restart(Exception):
+    def __init__(self, token: int):
+        super().__init__(token)
+        self.token = token
+
+
+def _cache_bytes(cache: DynamicCache) -> int:
+    return sum(
+        layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.keys is not None
+    )
+
+
+def _truncate(cache: DynamicCache, length: int) -> None:
+    """Drop cache positions >= ``length`` in every layer (layers an interrupted pass did not reach have none)."""
+    for layer in cache.layers:
+        extra = layer.get_seq_length() - length
+        if extra > 0:
+            layer.crop(-extra)
+
+
+def _overwrite_kv(cache: DynamicCache, kv: torch.Tensor, start: int, count: int) -> None:
+    """Overwrite cache positions ``start .. start + count - 1`` of every layer with the main node's KV
+    (``kv`` [layers, 2, kv_heads, count, head_dim]), cast to the shadow's dtype."""
+    for i, layer in enumerate(cache.layers):
+        if layer.keys.shape[-2] < start + count:
+            raise OdmoeError(
+                "KV alignment needs a full (non-sliding-window) cache; this model's cache is shorter"
+            )
+        layer.keys[0, :, start : start + count] = kv[i, 0].to(layer.keys.device, layer.keys.dtype)
+        layer.values[0, :, start : start + count] = kv[i, 1].to(layer.values.device, layer.values.dtype)

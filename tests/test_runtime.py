@@ -1,0 +1,210 @@
+"""Real multi-process OD-MoE clusters (1 main + 1 shadow + workers) on the micro models.
+
+Each test starts a local cluster with ``odmoe.launch.spawn_local`` (gloo, CPU-emulated devices) and
+checks its output against the fully cached model's greedy decode: same tokens, logits within 1e-4.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import DynamicCache
+
+from odmoe.errors import OdmoeError
+from odmoe.launch import ClusterFailed, spawn_local
+from odmoe.paths import repo_root
+from odmoe.trace import forward_step
+
+OUT = 10  # output tokens per request
+
+
+def spec_for(lm, jobs, **system) -> dict:
+    hardware = OmegaConf.to_container(OmegaConf.load(repo_root() / "conf/hardware/cpu-emulated.yaml"))
+    base = OmegaConf.to_container(OmegaConf.load(repo_root() / "conf/system/odmoe.yaml"))
+    shadow = {**base["shadow"], "precision": "fp32", **system.pop("shadow", {})}
+    return {
+        "model": {"name": lm.name, "path": str(lm.path), "dtype": "float32"},
+        "hardware": hardware,
+        "system": {
+            **base,
+            "workers": 4,
+            "timeout_s": 15,
+            "startup_timeout_s": 300,
+            **system,
+            "shadow": shadow,
+        },
+        "device": "cpu",
+        "seed": 0,
+        "threads": 1,
+        "collect_logits": True,
+        "jobs": jobs,
+    }
+
+
+@torch.no_grad()
+def cached_decode(lm, prompt, output_len):
+    """Greedy fp32 decode of the fully cached model: (tokens, logits [O, V])."""
+    lm.adapter.clear_experts_forward()
+    cache = DynamicCache(config=lm.model.config)
+    logits = forward_step(lm.model, torch.tensor([prompt]), cache)
+    tokens, all_logits = [], []
+    for _ in range(output_len):
+        tokens.append(int(logits.argmax()))
+        all_logits.append(logits.numpy())
+        logits = forward_step(lm.model, torch.tensor([[tokens[-1]]]), cache)
+    return tokens, np.stack(all_logits)
+
+
+def prompts(n, length=12):
+    return [[(7 * i + 3 * j + 5) % 500 + 4 for j in range(length)] for i in range(n)]
+
+
+def check_exact(lm, results, out_dir, jobs):
+    for i, (job, r) in enumerate(zip(jobs, results, strict=True)):
+        tokens, logits = cached_decode(lm, job["prompt"], job["output_len"])
+        assert r["tokens"] == tokens, f"request {job['id']}"
+        got = np.load(Path(out_dir) / f"logits-{i}.npy")
+        assert np.abs(got - logits).max() < 1e-4, f"request {job['id']}"
+
+
+def test_exact_over_alignment_modes_and_minibatches(micro_mixtral, tmp_path):
+    """1 main + 1 shadow (exact fp32 copy) + 4 workers: every alignment mode and prefill mini-batch
+    count gives the cached model's tokens and logits; a perfect predictor never mispredicts."""
+    p = prompts(2)
+    modes = ["T1_KV1", "none", "token", "kv", "T2_KV3"]
+    jobs = [{"id": m, "prompt": p[0], "output_len": OUT, "shadow": {"alignment": m}} for m in modes]
+    jobs.append(
+        {
+            "id": "newest",
+            "prompt": p[0],
+            "output_len": OUT,
+            "shadow": {"alignment": "T1_KV2", "kv_positions": "newest", "prompt_kv": True},
+        }
+    )
+    jobs.append(
+        {"id": "speculative", "prompt": p[0], "output_len": OUT, "shadow": {"departure": "speculative"}}
+    )
+    jobs += [{"id": f"mb{m}", "prompt": p[1], "output_len": OUT, "prefill_minibatches": m} for m in (1, 4)]
+    results = spawn_local(spec_for(micro_mixtral, jobs), tmp_path)
+    check_exact(micro_mixtral, results, tmp_path, jobs)
+    by_id = {r["request"]: r for r in results}
+    lm = len(micro_mixtral.adapter.moe_layers)
+    for m in [*modes, "speculative"]:
+        assert by_id[m]["mispredicted_experts"] == 0
+    # with alignment every iteration the shadow departs late: some layers go unpredicted
+    assert by_id["T1_KV1"]["unpredicted_layers"] >= 1
+    assert by_id["mb1"]["tokens"] == by_id["mb4"]["tokens"]
+    r = by_id["T1_KV1"]
+    assert r["bytes_loaded"] > 0 and r["lower_bound_s"] <= r["decode_s"] + 1e-6
+    assert max(r["peak_workers"]) <= 2 * micro_mixtral.adapter.expert_bytes() + 64 * 1024
+    assert sum(r["lead"]["hist"].values()) == (OUT - 1) * lm
+
+
+def test_wrong_predictor_changes_time_not_output(micro_mixtral, tmp_path):
+    p = prompts(1)
+    jobs = [{"id": "a", "prompt": p[0], "output_len": OUT}]
+    results = spawn_local(
+        spec_for(micro_mixtral, jobs, shadow={"predictor": "inverted", "alignment": "T1_KV1"}), tmp_path
+    )
+    check_exact(micro_mixtral, results, tmp_path, jobs)
+    r = results[0]
+    lm, k = len(micro_mixtral.adapter.moe_layers), micro_mixtral.adapter.top_k
+    predicted = (OUT - 1) * lm - r["unpredicted_layers"]
+    assert predicted > 0 and r["mispredicted_experts"] == predicted * k  # every prediction misses
+    assert r["stalled_layers"] >= predicted and r["stall_s"] > 0
+
+
+def test_top4_shared_expert_model_quantized_shadow(micro_qwen2moe, tmp_path):
+    """Qwen2-MoE (top-4, a gated shared expert on the main node) on groups of 2 workers, so each
+    worker takes two of a layer's four experts in two device slots; an NF4 SEP shadow, aligned and
+    speculative departures. Output stays exact whatever the shadow predicts."""
+    p = prompts(3)
+    jobs = [{"id": f"a{i}", "prompt": q, "output_len": OUT} for i, q in enumerate(p)]
+    jobs += [
+        {"id": f"s{i}", "prompt": q, "output_len": OUT, "shadow": {"departure": "speculative"}}
+        for i, q in enumerate(p)
+    ]
+    spec = spec_for(micro_qwen2moe, jobs, workers=4, group_size=2, shadow={"precision": "nf4"})
+    results = spawn_local(spec, tmp_path)
+    check_exact(micro_qwen2moe, results, tmp_path, jobs)
+    assert all(r["expert_slots_hit"] > 0 for r in results)
+
+
+@pytest.mark.parametrize(
+    "sig, rank, expect",
+    [
+        (signal.SIGKILL, 4, "lost the connection to worker 2 (rank 4)"),
+        (signal.SIGSTOP, 3, "from worker 1 (rank 3)"),
+    ],
+    ids=["killed", "hung"],
+)
+def test_dead_or_hung_worker_ends_the_run_cleanly(micro_mixtral, tmp_path, sig, rank, expect):
+    """Every rank exits within the timeout with one message naming the worker; no process is left."""
+    timeout = 4
+    jobs = [{"id": "long", "prompt": prompts(1)[0], "output_len": 400}]
+    spec = spec_for(micro_mixtral, jobs, timeout_s=timeout)
+    outcome = {}
+
+    def target():
+        try:
+            spawn_local(spec, tmp_path)
+        except Exception as e:  # noqa: BLE001
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    deadline = time.time() + 240
+    while not (tmp_path / "status").exists():  # the main node writes it when a request starts decoding
+        assert time.time() < deadline and thread.is_alive(), "the cluster did not start decoding"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+    assert len(pids) == 6
+    os.kill(int((tmp_path / f"rank{rank}.pid").read_text()), sig)
+    t0 = time.time()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert time.time() - t0 < 2 * timeout + 4  # detection within the timeout, then the spawner's grace
+    error = outcome["error"]
+    assert isinstance(error, ClusterFailed) and expect in str(error), str(error)
+    for pid in pids:  # no orphans
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    logs = " ".join(p.read_text() for p in tmp_path.glob("rank*.log"))
+    assert logs.count("stopping because") >= 4  # every surviving rank said why it stopped
+
+
+def test_impossible_layout_errors_before_starting(micro_mixtral, tmp_path):
+    jobs = [{"id": "a", "prompt": prompts(1)[0], "output_len": 4}]
+    with pytest.raises(OdmoeError, match="groups of 2"):
+        spawn_local(spec_for(micro_mixtral, jobs, workers=5), tmp_path)
+    assert not list(tmp_path.glob("rank*.log"))
+
+
+def test_e2e_experiment_runs_cached_and_odmoe(micro_mixtral_dir, tmp_path):
+    """``+exp=e2e system=odmoe``: both systems on one profile, exact tokens, memory model met."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "experiments.run", "+exp=e2e", "system=odmoe", "hardware=cpu-emulated",
+        "model=micro-mixtral", "system.workers=4", "exp.workloads=[[8,6]]", "exp.num_prompts=1",
+        f"results_dir={tmp_path}", "run=t",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=repo_root(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "e2e" / "t" / "summary.json").read_text())
+    assert summary["hardware_profile"] == "cpu-emulated" and summary["hardware_emulated"] is True
+    assert summary["exact_share"] == 1.0
+    assert summary["mem_max_abs_error"] < 0.05
+    assert 0 < summary["decode_fraction_of_baseline"]
+    assert summary["mem_mixtral-8x7b_total_model_bytes"] < summary["mem_mixtral-8x7b_cached_model_bytes"] / 2
