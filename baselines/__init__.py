@@ -1,0 +1,34 @@
+"""Offloading and cached baselines on one shared engine (project issue 6; docs/baselines.md).
+
+Each system is a small policy module on :class:`baselines.engine.OffloadEngine`, differing only in what
+it caches, predicts, quantizes or skips:
+
+==================== ============================================================================
+``cached``           fully cached (every expert resident): the upper bound
+``cpu_only``         llama.cpp-style: all experts computed from host memory on the CPU, no device
+``mixtral_offloading`` re-implementation of Mixtral-Offloading (per-layer LRU, next-gate prefetch, NF4)
+``moe_infinity``     re-implementation of MoE-Infinity (activation-matrix tracing, prefetch, eviction)
+``hobbit``           re-implementation of HOBBIT (stacked gates, mixed precision on a miss, multidim cache)
+``adapmoe``          re-implementation of AdapMoE (adaptive gating, next-gate prefetch, DP cache sizes)
+==================== ============================================================================
+
+Entry points for experiments (``+exp=baselines`` uses them; ``+exp=e2e`` should too)::
+
+    from baselines import SYSTEMS, system_config, build_engine, run_system, Workload
+    rows = run_system("hobbit", system_config("hobbit"), lm, workloads, hardware, references, ppl_ids)
+
+``run_system`` returns one flat row per workload (TTFT ms, decode and output tok/s, peak device MB,
+agreement with the fp32 reference, held-out perplexity, hit rate, stalls, ...). On CPU all times are
+on the emulated device/link clock (``timing_emulated`` column).
+"""
+
+from baselines.measure import (
+    SYSTEMS,
+    Workload,
+    build_engine,
+    reference_tokens,
+    run_system,
+    system_config,
+)
+
+__all__ = ["SYSTEMS", "Workload", "build_engine", "reference_tokens", "run_system", "system_config"]

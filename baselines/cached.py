@@ -1,0 +1,18 @@
+"""Fully cached: HF Transformers with every expert resident on the device — the upper bound
+(re-implementation of OD-MoE's "Transformers" baseline, BASELINES.md §2.8, on one device).
+
+Every expert is loaded before the run (no link traffic); device memory is all weights + KV cache.
+"""
+
+from __future__ import annotations
+
+from baselines.engine import Policy
+
+
+class FullyCached(Policy):
+    name = "cached"
+    offload = False
+
+
+def build(cfg: dict, lm, hardware) -> FullyCached:
+    return FullyCached()

@@ -1,0 +1,416 @@
+"""The offload engine shared by every baseline: one device, an expert cache, asynchronous loads, a
+prefetch queue, pluggable eviction and stall accounting.
+
+The HF model runs unchanged; each MoE layer's routed-expert computation is replaced, through
+``MoEAdapter.set_experts_forward``, by :meth:`OffloadEngine._layer`, which
+
+1. asks the policy for the *plan*: which (expert, format) serves which (token, top-k slot) — the
+   plain plan is "every routed expert at the system's format"; AdapMoE drops second experts, HOBBIT
+   substitutes low-precision copies or skips on a miss;
+2. issues demand loads for planned experts that are not resident (evicting by the policy's rule; a
+   load that finds no evictable room waits until the layer has finished with some of its experts);
+3. lets the policy queue prefetches for later layers (after the demand loads, so the single FIFO link
+   serves the running layer first; a prefetch that finds no room is dropped);
+4. computes each expert as soon as its copy is ready (waiting = stall) and sums the outputs in the
+   eager loop's order (ascending expert, tokens ordered by top-k slot then position), so a lossless
+   plan reproduces the reference bit for bit whatever the cache size or prefetching.
+
+Loads go over :mod:`baselines.timing`'s link (emulated on CPU, real side-stream copies on CUDA).
+Device memory is the ledger: non-expert weights + resident expert bytes (in-flight loads included) +
+the KV cache; on CUDA ``torch.cuda.max_memory_allocated`` is reported beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from baselines.cache import Entry, EvictionContext, ExpertCache, Key
+from baselines.lowbit import nf4_roundtrip
+from baselines.timing import Clock, Ledger, make_link
+from odmoe.errors import OdmoeError
+from odmoe.hardware import HardwareProfile
+from odmoe.models.adapter import swiglu_expert
+from odmoe.models.load import LoadedModel
+from odmoe.trace import check_length, forward_step
+
+FORMATS = ("fp32", "nf4")
+
+# plan: (expert, fmt) -> (token_idx, top_k_pos) LongTensors, in the eager loop's order
+Plan = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def full_plan(top_k_index: torch.Tensor, fmt: str, keep: torch.Tensor | None = None) -> Plan:
+    """Every routed (token, slot) at ``fmt``; ``keep`` [T, k] bool masks out skipped slots."""
+    plan: Plan = {}
+    for e in torch.unique(top_k_index).tolist():
+        mask = (top_k_index == e).T  # [k, T] as the eager loop's expert_mask[e]
+        if keep is not None:
+            mask = mask & keep.T
+        top_k_pos, token_idx = torch.where(mask)
+        if len(token_idx):
+            plan[(e, fmt)] = (token_idx, top_k_pos)
+    return plan
+
+
+@dataclass
+class Stats:
+    """Counters of one request (or one perplexity pass)."""
+
+    lookups: int = 0
+    hits: int = 0  # resident or already in flight when the layer asked
+    late_hits: int = 0  # of those, still in flight (a prefetch that had not finished)
+    loads: int = 0
+    prefetches: int = 0
+    prefetch_dropped: int = 0
+    prefetch_used: int = 0
+    writebacks: int = 0
+    skipped: int = 0  # (token, slot) pairs the plan skipped
+    low: int = 0  # (token, slot) pairs served by a low-precision copy
+    slots: int = 0  # routed (token, slot) pairs
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else math.nan
+
+
+@dataclass
+class GenResult:
+    tokens: list[int]
+    ttft: float  # s, emulated on CPU
+    decode_time: float  # s, emulated on CPU
+    stall: float
+    prefill_stall: float
+    stats: Stats
+    peak_device_bytes: int
+    cuda_peak_bytes: int | None = None
+    link_bytes: int = 0
+
+    @property
+    def decode_tps(self) -> float:
+        n = len(self.tokens) - 1
+        return n / self.decode_time if n > 0 and self.decode_time > 0 else math.nan
+
+    @property
+    def output_tps(self) -> float:
+        return len(self.tokens) / (self.ttft + self.decode_time)
+
+
+class Policy:
+    """What a system caches, predicts, quantizes or skips. The base class loads on demand, losslessly."""
+
+    name = "on_demand"
+    fmt = "fp32"  # the format experts are stored and loaded in
+    low_fmt: str | None = None  # a second, low-precision format (HOBBIT)
+    writeback = False  # copy evicted experts back over the link (Mixtral-Offloading's public code)
+    offload = True  # False: every expert resident before the run (fully cached)
+    on_device = True  # False: no device at all (CPU-only)
+    host_slowdown = 1.0  # CPU-only on an emulated device: host compute time multiplier
+
+    @property
+    def lossy(self) -> bool:
+        return False
+
+    def capacity(self, engine: OffloadEngine) -> tuple[dict[Hashable, int], object]:
+        """(byte capacity per group, key -> group). Default: everything fits."""
+        return {None: 10**15}, lambda key: None
+
+    def make_eviction(self):
+        from baselines.cache import LRU
+
+        return LRU()
+
+    def begin_request(self, engine: OffloadEngine, prompt: Sequence[int]) -> None:
+        pass
+
+    def end_request(self, engine: OffloadEngine) -> None:
+        pass
+
+    def plan(
+        self, engine: OffloadEngine, layer: int, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
+    ):
+        return full_plan(idx, self.fmt), w
+
+    def prefetch(
+        self, engine: OffloadEngine, layer: int, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
+    ) -> None:
+        pass
+
+    def eviction_extra(self, engine: OffloadEngine) -> dict:
+        return {}
+
+
+class OffloadEngine:
+    """A single-device MoE decoder serving routed experts from a cache (see module docstring)."""
+
+    def __init__(self, lm: LoadedModel, policy: Policy, hardware: HardwareProfile):
+        self.lm = lm
+        self.model = lm.model
+        self.adapter = lm.adapter
+        self.policy = policy
+        self.hardware = hardware
+        self.device = next(self.model.parameters()).device
+        self.layers = list(self.adapter.moe_layers)
+        self.num_layers = self.adapter.num_layers
+        self.act = self.adapter.experts(self.layers[0]).act_fn
+        self.link = make_link(hardware, self.device) if policy.offload and policy.on_device else None
+        self.emulated = self.device.type != "cuda"
+        self.fmt_bytes = {f: self.adapter.expert_bytes(f) for f in FORMATS}
+        self.host = self._host_store({policy.fmt, policy.low_fmt} - {None})
+        self.timer = time.perf_counter if self.device.type == "cuda" else time.process_time
+        self.clock = Clock(self.timer)
+        self.stats = Stats()
+        self.ledger = Ledger()
+        self.tick = 0
+        self.layer_now = self.layers[0]
+        self.history: list[Key] = []  # demand accesses in order (tests)
+        self._protected: set[Key] = set()  # keys the running layer still needs
+        policy.engine = self
+        self.reset_cache()
+        self._install()
+
+    # ---- setup -----------------------------------------------------------------------------
+    def _host_store(self, formats: Iterable[str]) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
+        """Host copies of every expert in each format the policy uses (low-bit ones made once)."""
+        store = {}
+        pin = self.device.type == "cuda"
+        for fmt in formats:
+            if fmt not in FORMATS:
+                raise OdmoeError(f"unknown expert format {fmt!r}; use one of {', '.join(FORMATS)}")
+            for layer in self.layers:
+                for e in range(self.adapter.num_experts):
+                    w = self.adapter.expert_weights(layer, e)
+                    gu, dn = w.gate_up.detach(), w.down.detach()
+                    if fmt == "nf4":
+                        gu, dn = nf4_roundtrip(gu), nf4_roundtrip(dn)
+                    if pin:
+                        gu, dn = gu.cpu().pin_memory(), dn.cpu().pin_memory()
+                    store[(layer, e, fmt)] = (gu, dn)
+        return store
+
+    def reset_cache(self) -> None:
+        """Cold start: an empty cache (or, fully cached, every expert resident)."""
+        capacity, group_of = self.policy.capacity(self)
+        for g, cap in capacity.items():
+            if cap < self.fmt_bytes[self.policy.fmt]:
+                raise OdmoeError(
+                    f"{self.policy.name}: cache group {g} holds {cap} bytes, less than one "
+                    f"{self.policy.fmt} expert ({self.fmt_bytes[self.policy.fmt]} bytes); raise the budget"
+                )
+        self.cache = ExpertCache(capacity, self.policy.make_eviction(), group_of)
+        if self.link is not None:
+            self.link.reset()
+        if not self.policy.offload:
+            for layer in self.layers:
+                for e in range(self.adapter.num_experts):
+                    key = (layer, e, self.policy.fmt)
+                    self.cache.insert(Entry(key, self.fmt_bytes[self.policy.fmt], weights=self.host[key]))
+
+    def _install(self) -> None:
+        for layer in self.layers:
+            self.adapter.set_experts_forward(layer, self._hook(layer))
+
+    def uninstall(self) -> None:
+        self.adapter.clear_experts_forward()
+
+    def _hook(self, layer: int):
+        def forward(module, hidden, top_k_index, top_k_weights):
+            return self._layer(layer, hidden, top_k_index, top_k_weights)
+
+        return forward
+
+    # ---- loads -----------------------------------------------------------------------------
+    def ctx(self) -> EvictionContext:
+        return EvictionContext(self.layer_now, self.num_layers, self.tick, self.policy.eviction_extra(self))
+
+    def is_resident(self, key: Key) -> bool:
+        return key in self.cache
+
+    def load(self, key: Key, protected: Iterable[Key] = (), prefetch: bool = False) -> Entry | None:
+        """Issue the copy of ``key`` (no-op when resident); None when no room can be made now."""
+        entry = self.cache.get(key)
+        if entry is not None:
+            return entry
+        nbytes = self.fmt_bytes[key[2]]
+        if not self.cache.fits(key, nbytes):
+            return None
+        evicted = self.cache.make_room(key, nbytes, protected, self.ctx())
+        if evicted is None:
+            return None
+        for victim in evicted:
+            if self.policy.writeback:  # device->host copy on the same link, before the new load
+                self.link.transfer(victim.nbytes, self.clock.now())
+                self.stats.writebacks += 1
+        weights, handle = self.link.copy(self.host[key], nbytes, self.clock)
+        entry = Entry(
+            key, nbytes, weights, handle, inserted=self.tick, last_use=self.tick, prefetched=prefetch
+        )
+        if self.emulated:
+            entry.ready_at = handle
+        self.cache.insert(entry)
+        self.ledger.experts = self.cache.resident_bytes
+        self.ledger.update()
+        if prefetch:
+            self.stats.prefetches += 1
+        else:
+            self.stats.loads += 1
+        return entry
+
+    def prefetch(self, keys: Iterable[Key], protected: Iterable[Key] = ()) -> None:
+        """The prefetch queue: copy ``keys`` in order, behind whatever the link is already doing."""
+        protected = set(protected) | self._protected
+        for key in keys:
+            if key in self.cache:
+                continue
+            if self.load(key, protected, prefetch=True) is None:
+                self.stats.prefetch_dropped += 1
+
+    # ---- one MoE layer ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _layer(self, layer: int, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        self.layer_now = layer
+        plan, w = self.policy.plan(self, layer, hidden, idx, w)
+        keys = sorted(plan)
+        self.stats.slots += idx.numel()
+        self.stats.skipped += idx.numel() - sum(len(t) for t, _ in plan.values())
+        self.stats.low += sum(len(t) for (e, f), (t, _) in plan.items() if f != self.policy.fmt)
+        pending: list[Entry] = []
+        deferred: list[Key] = []
+        self._protected = {(layer, e, f) for e, f in keys}
+        for e, f in keys:
+            key = (layer, e, f)
+            self.tick += 1
+            self.history.append(key)
+            self.stats.lookups += 1
+            entry = self.cache.get(key)
+            if entry is not None:
+                self.stats.hits += 1
+                if self.emulated and entry.ready_at > self.clock.now():
+                    self.stats.late_hits += 1
+            else:
+                entry = self.load(key, self._protected)
+            if entry is None:
+                deferred.append(key)
+            else:
+                pending.append(entry)
+        self.policy.prefetch(self, layer, hidden, idx, w)
+        results: dict[tuple[int, str], torch.Tensor] = {}
+        while pending or deferred:
+            while deferred:
+                entry = self.load(deferred[0], self._protected)
+                if entry is None:
+                    break
+                pending.append(entry)
+                deferred.pop(0)
+            if not pending:
+                raise RuntimeError(f"layer {layer}: cannot make room for {deferred[0]}")
+            entry = min(pending, key=lambda en: en.ready_at)
+            pending.remove(entry)
+            if self.link is not None:
+                self.link.wait(entry.handle, self.clock)
+            _, e, fmt = entry.key
+            token_idx, pos = plan[(e, fmt)]
+            gate_up, down = entry.weights
+            y = swiglu_expert(hidden[token_idx], gate_up, down, self.act)
+            results[(e, fmt)] = y * w[token_idx, pos, None]
+            self.tick += 1
+            entry.last_use = self.tick
+            entry.uses += 1
+            entry.full_uses += fmt == self.policy.fmt
+            if entry.prefetched:
+                self.stats.prefetch_used += 1
+                entry.prefetched = False
+            self._protected.discard(entry.key)
+        out = torch.zeros_like(hidden)
+        for key in keys:
+            out.index_add_(0, plan[key][0], results[key].to(out.dtype))
+        return out
+
+    # ---- requests --------------------------------------------------------------------------
+    def _kv_bytes(self, seq_len: int) -> int:
+        c = self.model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
+        elt = next(self.model.parameters()).element_size()
+        return 2 * self.num_layers * kv_heads * head_dim * seq_len * elt
+
+    def _step(self, ids: torch.Tensor, cache: DynamicCache, seq_len: int) -> torch.Tensor:
+        t = self.timer()
+        logits = forward_step(self.model, ids, cache)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.policy.host_slowdown != 1.0:
+            self.clock.add((self.policy.host_slowdown - 1.0) * (self.timer() - t))
+        if self.policy.on_device:
+            self.ledger.kv = self._kv_bytes(seq_len)
+            self.ledger.update()
+        return logits
+
+    def _begin(self, prompt: Sequence[int]) -> None:
+        self.stats = Stats()
+        self.ledger = Ledger(fixed=self._fixed_bytes())
+        self.ledger.experts = self.cache.resident_bytes if self.policy.on_device else 0
+        self.ledger.update()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.link is not None:
+            self.link.bytes_moved = 0
+        self.policy.begin_request(self, prompt)
+        self.clock = Clock(self.timer)  # a new request starts at t = 0: earlier copies have all finished
+        if self.link is not None:
+            self.link.reset()
+        for entry in self.cache.entries.values():
+            entry.ready_at = 0.0
+
+    def _fixed_bytes(self) -> int:
+        if not self.policy.on_device:
+            return 0
+        return self.adapter.parameter_bytes()["non_experts"]
+
+    @torch.no_grad()
+    def generate(self, prompt: Sequence[int], output_len: int) -> GenResult:
+        """Greedy batch-1 decoding of ``output_len`` tokens, timed on the engine's clock."""
+        check_length(self.model, len(prompt), output_len)
+        self._begin(prompt)
+        kv = DynamicCache(config=self.model.config)
+        ids = torch.as_tensor(list(prompt), device=self.device)[None]
+        logits = self._step(ids, kv, len(prompt))
+        tokens = [int(logits.argmax())]
+        ttft = self.clock.now()
+        prefill_stall = self.clock.stall
+        for i in range(output_len - 1):
+            logits = self._step(torch.tensor([[tokens[-1]]], device=self.device), kv, len(prompt) + i + 1)
+            tokens.append(int(logits.argmax()))
+        total = self.clock.now()
+        self.policy.end_request(self)
+        cuda_peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return GenResult(
+            tokens,
+            ttft,
+            total - ttft,
+            self.clock.stall,
+            prefill_stall,
+            self.stats,
+            self.ledger.peak,
+            cuda_peak,
+            self.link.bytes_moved if self.link is not None else 0,
+        )
+
+    @torch.no_grad()
+    def perplexity(self, token_ids: Sequence[int]) -> float:
+        """Teacher-forced perplexity, one token per step (the decode path, where the lossy tricks act)."""
+        self._begin(token_ids[:1])
+        kv = DynamicCache(config=self.model.config)
+        nll = []
+        for i in range(len(token_ids) - 1):
+            logits = self._step(torch.tensor([[token_ids[i]]], device=self.device), kv, i + 1)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            nll.append(-float(logp[token_ids[i + 1]]))
+        self.policy.end_request(self)
+        return float(np.exp(np.mean(nll)))
