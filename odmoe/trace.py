@@ -28,7 +28,7 @@ weights       list<float>  their gate weights as the model applied them
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,9 +167,16 @@ def forward_step(model, input_ids: torch.Tensor, cache: DynamicCache) -> torch.T
 
 @torch.no_grad()
 def reference_decode(
-    model, adapter: MoEAdapter, prompt_id: str, prompt: Iterable[int], output_len: int
+    model,
+    adapter: MoEAdapter,
+    prompt_id: str,
+    prompt: Iterable[int],
+    output_len: int,
+    on_step: Callable[[DynamicCache], None] | None = None,
 ) -> Trace:
-    """Greedy decode ``output_len`` tokens and record the routing of prefill and every decode iteration."""
+    """Greedy decode ``output_len`` tokens and record the routing of prefill and every decode iteration.
+
+    ``on_step`` sees the KV cache after prefill and after every decode iteration (SEP keeps the KV)."""
     prompt = np.asarray(list(prompt), dtype=np.int64)
     check_length(model, len(prompt), output_len)
     device = next(model.parameters()).device
@@ -179,6 +186,8 @@ def reference_decode(
     with recorder.installed():
         logits = forward_step(model, torch.as_tensor(prompt, device=device)[None], cache)
         prefill_e, prefill_w = recorder.pop()
+        if on_step is not None:
+            on_step(cache)
         for _ in range(output_len):
             token = int(logits.argmax())
             tokens.append(token)
@@ -186,6 +195,8 @@ def reference_decode(
             e, w = recorder.pop()
             decode_e.append(e[0])
             decode_w.append(w[0])
+            if on_step is not None:
+                on_step(cache)
     return Trace(
         prompt_id,
         prompt,

@@ -38,7 +38,7 @@ from transformers import DynamicCache
 from odmoe.errors import OdmoeError
 from odmoe.models.adapter import MoEAdapter
 from odmoe.predict.shadow import Shadow
-from odmoe.trace import RoutingRecorder, Trace, check_length, forward_step
+from odmoe.trace import Trace, forward_step, reference_decode
 
 KV_POSITIONS = ("since_last", "newest")
 # Named alignment modes of the recall experiment; any ``T{p}_KV{q}`` (p, q a period or ``off``) works too.
@@ -125,42 +125,21 @@ class ReferenceRecord:
 
 @torch.inference_mode()
 def record_reference(model, adapter: MoEAdapter, prompt_id: str, prompt, output_len: int) -> ReferenceRecord:
-    """Greedy decode like ``odmoe.trace.reference_decode``, also keeping each new position's KV."""
-    prompt = np.asarray(list(prompt), dtype=np.int64)
-    check_length(model, len(prompt), output_len)
-    device = next(model.parameters()).device
-    recorder = RoutingRecorder(adapter)
-    cache = DynamicCache(config=model.config)
-    tokens, decode_e, decode_w = [], [], []
-    with recorder.installed():
-        logits = forward_step(model, torch.as_tensor(prompt, device=device)[None], cache)
-        prefill_e, prefill_w = recorder.pop()
-        prompt_kv = [(layer.keys[0].clone(), layer.values[0].clone()) for layer in cache.layers]
-        steps: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        for _ in range(output_len):
-            token = int(logits.argmax())
-            tokens.append(token)
-            logits = forward_step(model, torch.tensor([[token]], device=device), cache)
-            e, w = recorder.pop()
-            decode_e.append(e[0])
-            decode_w.append(w[0])
-            steps.append(
-                [(layer.keys[0, :, -1].clone(), layer.values[0, :, -1].clone()) for layer in cache.layers]
-            )
+    """``odmoe.trace.reference_decode`` that also keeps the prompt's KV and each new position's KV."""
+    snapshots: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def keep(cache: DynamicCache) -> None:
+        rows = slice(None) if not snapshots else -1  # after prefill the whole prompt, then the new position
+        snapshots.append(
+            [(layer.keys[0, :, rows].clone(), layer.values[0, :, rows].clone()) for layer in cache.layers]
+        )
+
+    trace = reference_decode(model, adapter, prompt_id, prompt, output_len, on_step=keep)
+    prompt_kv, steps = snapshots[0], snapshots[1:]
     decode_kv = [
         (torch.stack([s[i][0] for s in steps]), torch.stack([s[i][1] for s in steps]))
-        for i in range(len(steps[0]))
+        for i in range(len(prompt_kv))
     ]
-    trace = Trace(
-        prompt_id,
-        prompt,
-        np.asarray(tokens, dtype=np.int64),
-        tuple(adapter.moe_layers),
-        prefill_e,
-        prefill_w,
-        np.stack(decode_e),
-        np.stack(decode_w),
-    )
     return ReferenceRecord(trace, prompt_kv, decode_kv)
 
 
