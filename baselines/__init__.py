@@ -12,14 +12,15 @@ it caches, predicts, quantizes or skips:
 ``adapmoe``          re-implementation of AdapMoE (adaptive gating, next-gate prefetch, DP cache sizes)
 ==================== ============================================================================
 
-Entry points for experiments (``+exp=baselines`` uses them; ``+exp=e2e`` should too)::
+Entry points for experiments (``+exp=e2e`` runs them beside OD-MoE, ``experiments/e2e.py``)::
 
     from baselines import SYSTEMS, system_config, build_engine, run_system, Workload
     rows = run_system("hobbit", system_config("hobbit"), lm, workloads, hardware, references, ppl_ids)
 
 ``run_system`` returns one flat row per workload (TTFT ms, decode and output tok/s, peak device MB,
 agreement with the fp32 reference, held-out perplexity, hit rate, stalls, ...). On CPU all times are
-on the emulated device/link clock (``timing_emulated`` column).
+on the engine's emulated clock (``timing_emulated``): process CPU time plus virtual link stalls
+(``baselines/timing.py``), not the OD-MoE runtime's wall clock.
 """
 
 from baselines.measure import (

@@ -367,6 +367,8 @@ class OffloadEngine:
             self.link.reset()
         for entry in self.cache.entries.values():
             entry.ready_at = 0.0
+            if self.emulated:  # the emulated handle is the deadline on the previous request's clock
+                entry.handle = 0.0
 
     def _fixed_bytes(self) -> int:
         if not self.policy.on_device:

@@ -1,4 +1,12 @@
-"""Table 2 as markdown, the measured values beside the paper's (PAPER.md §9.6-9.7)."""
+"""Table 2 as markdown, the measured values beside the paper's (PAPER.md §9.6-9.7).
+
+A measured row is one (system, executor, workload). The executor is ``engine`` (the single-process
+offload engine of ``baselines/``) or ``runtime`` (OD-MoE's multi-process runtime and its fully cached
+reference, ``odmoe/runtime/cached.py``). The two time on different clocks (:data:`CLOCKS`), so the
+fully cached model runs on each executor a run needs and every other system is compared with the one
+on its own clock. Columns are keyed by :func:`label`: the system's name, suffixed with the executor
+when it is not the system's own (``cached_runtime``).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +22,16 @@ PAPER_NAMES = {
     "hobbit": "HOBBIT",
     "adapmoe": "AdapMoE",
     "odmoe": "OD-MoE",
+}
+HOME = {"odmoe": "runtime"}  # a system's own executor; every other one's is the offload engine
+# what each `clock` value of table2.csv means
+CLOCKS = {
+    "cpu-time+virtual": "one process; compute timed as this process's CPU time with one torch thread (other "
+    "jobs on shared cores do not inflate it); host->device loads over the profile's emulated link are "
+    "charged to a virtual clock (stalls added, not slept)",
+    "wall": "real elapsed time of one process (no link or network involved, or real CUDA copies)",
+    "wall+sleeps": "real elapsed time of a multi-process run (2 + W processes talking over torch.distributed); "
+    "the emulated link and LAN delays are real sleeps, so other jobs on shared cores slow it down",
 }
 _SYS = ["mixtral_offloading", "moe_infinity", "hobbit", "adapmoe", "cached", "cpu_only", "odmoe"]
 _TTFT = [
@@ -56,58 +74,127 @@ def paper_table2() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def label(system: str, executor: str) -> str:
+    """Column and summary key of a (system, executor): the system, suffixed when off its own executor."""
+    return system if executor == HOME.get(system, "engine") else f"{system}_{executor}"
+
+
+def with_paper(measured: pd.DataFrame) -> pd.DataFrame:
+    """``measured`` with a ``label`` column and the paper's numbers of the same system and workload."""
+    df = measured.merge(paper_table2(), on=["system", "prompt_len", "output_len"], how="left")
+    df["label"] = [label(s, e) for s, e in zip(df["system"], df["executor"], strict=True)]
+    return df
+
+
+def columns(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(label, display name) of every measured column, in the paper's order, own executor first."""
+    pairs = df[["system", "executor"]].drop_duplicates().itertuples(index=False)
+    order = sorted(pairs, key=lambda r: (list(PAPER_NAMES).index(r.system), label(*r) != r.system))
+    return [
+        (label(s, e), PAPER_NAMES[s] if label(s, e) == s else f"{PAPER_NAMES[s]} ({e})") for s, e in order
+    ]
+
+
+def same_clock_fraction(df: pd.DataFrame, col: str = "decode_tps") -> pd.Series:
+    """Mean ``col`` of each label over the mean of the fully cached model on the same executor."""
+    mean = df.groupby("label")[col].mean()
+    out = {}
+    for (lab, executor), _ in df.groupby(["label", "executor"]):
+        ref = label("cached", executor)
+        out[lab] = mean[lab] / mean[ref] if ref in mean else float("nan")
+    return pd.Series(out)
+
+
 def _fmt(v, digits: int) -> str:
     return "—" if v is None or pd.isna(v) else f"{v:.{digits}f}"
 
 
+def _metric_table(df: pd.DataFrame, cols, title: str, col: str, pcol: str, d: int) -> list[str]:
+    lines = [f"## {title}", "", "| workload | " + " | ".join(name for _, name in cols) + " |"]
+    lines.append("|---" * (len(cols) + 1) + "|")
+    for (p, o), part in df.groupby(["prompt_len", "output_len"]):
+        cells = []
+        for lab, _ in cols:
+            r = part[part["label"] == lab]
+            cells.append("—" if r.empty else f"{_fmt(r[col].iloc[0], d)} ({_fmt(r[pcol].iloc[0], d)})")
+        lines.append(f"| ({p},{o}) | " + " | ".join(cells) + " |")
+    mean = df.groupby("label")[[col, pcol]].mean()
+    cells = [f"{_fmt(mean.loc[lab, col], d)} ({_fmt(mean.loc[lab, pcol], d)})" for lab, _ in cols]
+    return [*lines, "| average | " + " | ".join(cells) + " |", ""]
+
+
 def markdown(measured: pd.DataFrame, note: str = "") -> str:
-    """Per metric, a workload x system table of 'measured (paper)' cells, plus quality and ordering."""
-    df = measured.merge(paper_table2(), on=["system", "prompt_len", "output_len"], how="left")
-    systems = [s for s in PAPER_NAMES if s in set(df["system"])]
+    """Per metric, a workload x system table of 'measured (paper)' cells; clocks, quality and ordering."""
+    df = with_paper(measured)
+    cols = columns(df)
+    names = dict(cols)
     lines = ["# Table 2 — measured (paper)", ""]
     if note:
         lines += [note, ""]
+    lines += ["## Clocks", "", "| column | executor | clock | hardware profile | timing emulated |"]
+    lines.append("|---|---|---|---|---|")
+    first = df.groupby("label").first()
+    for lab, name in cols:
+        r = first.loc[lab]
+        lines.append(f"| {name} | {r.executor} | {r.clock} | {r.hardware} | {bool(r.timing_emulated)} |")
+    lines.append("")
+    lines += [f"- `{c}`: {CLOCKS[c]}." for c in dict.fromkeys(df["clock"])]
+    lines += [
+        "",
+        "Absolute times on different clocks are not comparable; compare each system with the fully "
+        "cached model on its own clock (the share table below).",
+        "",
+    ]
     for title, col, pcol, d in (
         ("TTFT (ms)", "ttft_ms", "paper_ttft_ms", 1),
         ("Decoding throughput (tok/s)", "decode_tps", "paper_decode_tps", 2),
         ("Output throughput, prefill + decode (tok/s)", "output_tps", "paper_output_tps", 2),
         ("Peak device memory (MB measured; paper GB)", "peak_device_mb", "paper_memory_gb", 2),
     ):
-        lines += [f"## {title}", "", "| workload | " + " | ".join(PAPER_NAMES[s] for s in systems) + " |"]
-        lines.append("|---" * (len(systems) + 1) + "|")
-        for (p, o), part in df.groupby(["prompt_len", "output_len"]):
-            cells = []
-            for s in systems:
-                r = part[part["system"] == s]
-                cells.append("—" if r.empty else f"{_fmt(r[col].iloc[0], d)} ({_fmt(r[pcol].iloc[0], d)})")
-            lines.append(f"| ({p},{o}) | " + " | ".join(cells) + " |")
-        mean = df.groupby("system")[[col, pcol]].mean()
-        lines.append(
-            "| average | "
-            + " | ".join(f"{_fmt(mean.loc[s, col], d)} ({_fmt(mean.loc[s, pcol], d)})" for s in systems)
-            + " |"
-        )
-        lines.append("")
-    lines += ["## Answer agreement with the fp32 reference and held-out perplexity", ""]
+        lines += _metric_table(df, cols, title, col, pcol, d)
+    share = same_clock_fraction(df)
+    paper = (
+        df.groupby("label")["paper_decode_tps"].mean()
+        / paper_table2().query("system == 'cached'").paper_decode_tps.mean()
+    )
+    lines += ["## Decoding throughput as a share of the fully cached model on the same clock", ""]
+    lines += ["| system | measured | paper |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(share[lab], 3)} | {_fmt(paper[lab], 3)} |" for lab, name in cols]
+    lines += ["", "## Answer agreement with the fp32 reference and held-out perplexity", ""]
     lines += [
         "| system | agreement (share of tokens) | perplexity | lossy | hit rate | stall s/request |",
         "|---|---|---|---|---|---|",
     ]
-    q = df.groupby("system").agg(
+    q = df.groupby("label").agg(
         agreement=("agreement", "mean"),
         perplexity=("perplexity", "mean"),
         lossy=("lossy", "first"),
         hit_rate=("hit_rate", "mean"),
         stall_s=("stall_s", "mean"),
     )
-    for s in systems:
-        r = q.loc[s]
+    for lab, name in cols:
+        r = q.loc[lab]
         lines.append(
-            f"| {PAPER_NAMES[s]} | {r.agreement:.3f} | {r.perplexity:.3f} | {bool(r.lossy)} | {r.hit_rate:.3f} | {r.stall_s:.3f} |"
+            f"| {name} | {r.agreement:.3f} | {_fmt(r.perplexity, 3)} | {bool(r.lossy)} | "
+            f"{_fmt(r.hit_rate, 3)} | {_fmt(r.stall_s, 3)} |"
         )
-    lines += ["", "## Ordering by average decoding throughput", ""]
-    mean = df.groupby("system")[["decode_tps", "paper_decode_tps"]].mean()
-    ours = " > ".join(PAPER_NAMES[s] for s in mean["decode_tps"].sort_values(ascending=False).index)
-    paper = " > ".join(PAPER_NAMES[s] for s in mean["paper_decode_tps"].sort_values(ascending=False).index)
-    lines += [f"- measured: {ours}", f"- paper:    {paper}", ""]
+    if q.perplexity.isna().any():
+        lines += [
+            "",
+            "Perplexity — : not measured. The runtime's rows (OD-MoE, and the fully cached model run "
+            "beside it) compute the fp32 model exactly (tokens and logits checked against it in "
+            "tests/test_runtime.py), so their perplexity is the fully cached model's.",
+        ]
+    order = share.sort_values(ascending=False).index
+    paper_order = [lab for lab in paper.dropna().sort_values(ascending=False).index if lab in PAPER_NAMES]
+    lines += [
+        "",
+        "## Ordering by decoding throughput as a share of the fully cached model on the same clock",
+        "",
+    ]
+    lines += [
+        f"- measured: {' > '.join(names[lab] for lab in order if pd.notna(share[lab]))}",
+        f"- paper:    {' > '.join(names[lab] for lab in paper_order) or '(no paper numbers for these workloads)'}",
+        "",
+    ]
     return "\n".join(lines)

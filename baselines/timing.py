@@ -4,11 +4,19 @@ Why a clock of its own: on CPU there is no device, so loads are *emulated* — a
 completes at ``max(t, link free) + latency + bytes / bandwidth`` (one FIFO link, like one CUDA copy
 stream) and using an expert before that deadline stalls the computation until then. The stall is
 added to the clock instead of slept, so emulated runs cost only their real compute time. Compute
-itself is real, measured with ``time.perf_counter``. On CUDA the copies are real (a side stream,
-events) and stalls are the host time spent waiting on a copy's event.
+itself is real, measured as this process's CPU time (``time.process_time``; see :class:`Clock`). On
+CUDA the copies are real (a side stream, events), the clock is ``time.perf_counter`` and stalls are
+the host time spent waiting on a copy's event.
 
-The runtime's ``odmoe/device.py`` was not available when this was written; this module is the
-smallest stand-in and uses the same hardware-profile fields (``h2d_bandwidth``, ``h2d_latency``).
+Why not the runtime's ``odmoe/device.py``, which emulates the same profile fields (``h2d_bandwidth``,
+``h2d_latency``): it emulates for a *multi-process* system on a shared wall clock, so its loads are
+real copies on a copy thread followed by real sleeps until the deadline, and the runtime's ranks read
+``time.time``. The baselines are a *single process*: nothing else runs while a load is pending, so
+sleeping would only add idle time, and charging the stall to this virtual clock gives the same
+result while letting compute be timed as CPU time (``Clock``), which other jobs on shared cores do
+not inflate. The price: the engine's rows and the runtime's are on different clocks (column ``clock``
+of ``+exp=e2e``'s ``table2.csv``); each is compared with the fully cached model measured on
+its own clock.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Figures of ``+exp=e2e``, drawn from a run directory's CSV files only.
 
-``table2(run_dir)``: decode throughput and TTFT per workload and system (paper Table 2 (i)), with
-OD-MoE's critical-path lower bound. ``stalls(run_dir)``: OD-MoE's mean stall per MoE layer (late
-departure shows as stalls on the first layers) and the distribution of the shadow's lead.
-``memory(run_dir)``: measured peak device bytes per node against the analytic model.
+``table2(run_dir)``: per Table 2 metric, bars per system and workload, measured beside the paper's
+(``table2.csv``; OD-MoE's zero-stall bound hatched on the decode chart), and the answer agreement.
+``stalls(run_dir)``: OD-MoE's mean stall per MoE layer (late departure shows as stalls on the first
+layers) and the distribution of the shadow's lead. ``memory(run_dir)``: OD-MoE's measured peak
+device bytes per node against the analytic model. ``python -m plots.e2e RUN_DIR`` draws them all.
 """
 
 from __future__ import annotations
@@ -18,47 +19,73 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from baselines.report import columns, with_paper  # noqa: E402
+
+METRICS = [
+    ("ttft_ms", "paper_ttft_ms", "TTFT (ms)"),
+    ("decode_tps", "paper_decode_tps", "decoding throughput (tok/s)"),
+    ("output_tps", "paper_output_tps", "output throughput (tok/s)"),
+    ("peak_device_mb", "paper_memory_gb", "peak device memory (MB; paper GB)"),
+]
+MEASURED = "measured (engine: CPU-time clock; runtime: wall clock; table2.md)"
+
+
+def _save(fig, path: Path, bottom: float = 0.0) -> Path:
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def table2(run_dir: str | Path) -> list[Path]:
+    """``table2_<metric>.png`` for the four speed and memory metrics and ``table2_agreement.png``."""
+    run_dir = Path(run_dir)
+    df = with_paper(pd.read_csv(run_dir / "table2.csv"))
+    cols = columns(df)
+    loads = sorted({(int(p), int(o)) for p, o in zip(df["prompt_len"], df["output_len"], strict=True)})
+    x = np.arange(len(loads))
+    width = 0.8 / (len(cols) + 1)
+
+    def values(lab: str, c: str) -> list[float]:
+        return [
+            df[(df.label == lab) & (df.prompt_len == p) & (df.output_len == o)][c].mean() for p, o in loads
+        ]
+
+    out = []
+    for col, pcol, ylabel in METRICS:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+        for ax, c, title in ((axes[0], col, MEASURED), (axes[1], pcol, "paper (Mixtral-8x7B)")):
+            for i, (lab, name) in enumerate(cols):
+                if c == pcol and lab not in set(df.system):
+                    continue  # the paper has one column per system
+                ax.bar(x + i * width, values(lab, c), width, label=name, color=f"C{i}")
+            ax.set_xticks(x + width * len(cols) / 2, [f"({p},{o})" for p, o in loads])
+            ax.set_title(title)
+            ax.set_ylabel(ylabel)
+        if col == "decode_tps" and "odmoe" in set(df.label) and df.decode_tps_bound.notna().any():
+            axes[0].bar(
+                x + len(cols) * width,
+                values("odmoe", "decode_tps_bound"),
+                width,
+                label="OD-MoE zero-stall bound",
+                color="none",
+                edgecolor="k",
+                hatch="//",
+            )
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=7)
+        out.append(_save(fig, run_dir / f"table2_{col}.png", bottom=0.14))
+    q = df.groupby("label")["agreement"].mean()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar([name for _, name in cols], [q[lab] for lab, _ in cols], color=[f"C{i}" for i in range(len(cols))])
+    ax.set_ylabel("token agreement with fp32 reference")
+    ax.tick_params(axis="x", labelrotation=30)
+    return [*out, _save(fig, run_dir / "table2_agreement.png")]
+
 
 def _requests(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(run_dir / "requests.csv").drop_duplicates(
         ["system", "workload", "prompt_id"], keep="last"
     )
-
-
-def table2(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    df = _requests(run_dir)
-    workloads = list(dict.fromkeys(df.workload))
-    systems = list(dict.fromkeys(df.system))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    width = 0.8 / (len(systems) + 1)
-    x = np.arange(len(workloads))
-    for i, s in enumerate(systems):
-        g = df[df.system == s].groupby("workload").mean(numeric_only=True).reindex(workloads)
-        a.bar(x + i * width, g.decode_tok_s, width, label=s)
-        b.bar(x + i * width, g.ttft_s * 1e3, width, label=s)
-        if s == "odmoe" and g.lower_bound_s.notna().any():
-            bound = (g.output_len - 1) / g.lower_bound_s
-            a.bar(
-                x + len(systems) * width,
-                bound,
-                width,
-                label="odmoe, zero-stall bound",
-                color="none",
-                edgecolor="k",
-                hatch="//",
-            )
-    for ax, label in ((a, "decode tok/s"), (b, "TTFT (ms)")):
-        ax.set_xticks(x + width * (len(systems) - 1) / 2, workloads)
-        ax.set_xlabel("(prompt, output) tokens")
-        ax.set_ylabel(label)
-        ax.grid(axis="y", alpha=0.3)
-    a.legend(fontsize=7)
-    fig.tight_layout()
-    out = run_dir / "table2.png"
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
-    return out
 
 
 def stalls(run_dir: str | Path) -> Path:
@@ -85,11 +112,7 @@ def stalls(run_dir: str | Path) -> Path:
     b.set_xlabel("shadow lead at the main node's router (MoE layers; < 0: behind)")
     b.set_ylabel("(iteration, layer) pairs")
     b.grid(alpha=0.3)
-    fig.tight_layout()
-    out = run_dir / "stalls.png"
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
-    return out
+    return _save(fig, run_dir / "stalls.png")
 
 
 def memory(run_dir: str | Path) -> Path:
@@ -105,15 +128,23 @@ def memory(run_dir: str | Path) -> Path:
     ax.set_ylabel("MB")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = run_dir / "memory.png"
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
+    return _save(fig, run_dir / "memory.png")
+
+
+def draw_all(run_dir: str | Path) -> list[Path]:
+    """Every figure the run directory has data for (OD-MoE's only when OD-MoE ran)."""
+    run_dir = Path(run_dir)
+    out = table2(run_dir)
+    if (run_dir / "layers.csv").exists():
+        out.append(stalls(run_dir))
+    mem = run_dir / "memory.csv"
+    if mem.exists() and pd.read_csv(mem).measured.notna().any():
+        out.append(memory(run_dir))
     return out
 
 
 if __name__ == "__main__":
     import sys
 
-    for fn in (table2, stalls, memory):
-        print(fn(sys.argv[1]))
+    for path in draw_all(sys.argv[1]):
+        print(path)

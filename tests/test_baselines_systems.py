@@ -78,6 +78,19 @@ def test_small_cache_stalls_and_prefetch_hides_some(setup):
     assert cold.peak_device_bytes <= lm.adapter.parameter_bytes()["non_experts"] + cap + 10**6
 
 
+def test_a_request_does_not_wait_for_the_previous_requests_loads(setup):
+    """Each request starts its clock at 0 with every earlier copy finished: a warm cache's prefill
+    never stalls longer than the cold one's, however long the previous request ran."""
+    lm, hw, prompt, _ = setup
+    engine = build_engine("mixtral_offloading", dict(quantize="none", experts_per_layer=2), lm, hw)
+    try:
+        cold = engine.generate(prompt, 3 * OUT)
+        warm = engine.generate(prompt, OUT)
+    finally:
+        engine.uninstall()
+    assert cold.decode_time > 0 and warm.prefill_stall <= 1.2 * cold.prefill_stall + 1e-3
+
+
 @pytest.mark.parametrize(
     "name,cfg",
     [

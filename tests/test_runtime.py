@@ -141,8 +141,10 @@ def test_top4_shared_expert_model_quantized_shadow(micro_qwen2moe, tmp_path):
 @pytest.mark.parametrize(
     "sig, rank, expect",
     [
-        (signal.SIGKILL, 4, "lost the connection to worker 2 (rank 4)"),
-        (signal.SIGSTOP, 3, "from worker 1 (rank 3)"),
+        # whichever rank notices first reports it (main: lost connection / no reply; shadow: no
+        # heartbeat): the message must name the failed worker's role and rank
+        (signal.SIGKILL, 4, "worker 2 (rank 4)"),
+        (signal.SIGSTOP, 3, "worker 1 (rank 3)"),
     ],
     ids=["killed", "hung"],
 )
@@ -189,22 +191,62 @@ def test_impossible_layout_errors_before_starting(micro_mixtral, tmp_path):
     assert not list(tmp_path.glob("rank*.log"))
 
 
-def test_e2e_experiment_runs_cached_and_odmoe(micro_mixtral_dir, tmp_path):
-    """``+exp=e2e system=odmoe``: both systems on one profile, exact tokens, memory model met."""
+def test_e2e_plan_runs_cached_once_per_clock_and_refuses_bad_lists():
+    from experiments.e2e import plan
+
+    assert plan(["cached", "odmoe"], "odmoe") == [("cached", "runtime"), ("odmoe", "runtime")]
+    assert plan(["hobbit", "cached"], "hobbit") == [("cached", "engine"), ("hobbit", "engine")]
+    assert plan(["cached", "odmoe", "adapmoe"], "odmoe") == [
+        ("cached", "engine"),
+        ("cached", "runtime"),
+        ("odmoe", "runtime"),
+        ("adapmoe", "engine"),
+    ]
+    with pytest.raises(OdmoeError, match="unknown systems"):
+        plan(["cached", "vllm"], "cached")
+    with pytest.raises(OdmoeError, match="system under test"):
+        plan(["cached", "hobbit"], "odmoe")
+
+
+def test_e2e_experiment_runs_every_system(micro_mixtral_dir, tmp_path):
+    """``+exp=e2e`` on the default ``host`` profile: every system on the emulated fallback profile, one
+    Table 2 (same columns, clocks said), OD-MoE exact, its memory model met, figures drawn."""
     import json
     import subprocess
     import sys
 
+    import pandas as pd
+
     cmd = [
-        sys.executable, "-m", "experiments.run", "+exp=e2e", "system=odmoe", "hardware=cpu-emulated",
-        "model=micro-mixtral", "system.workers=4", "exp.workloads=[[8,6]]", "exp.num_prompts=1",
+        sys.executable, "-m", "experiments.run", "+exp=e2e", "system=odmoe", "model=micro-mixtral",
+        "system.workers=4", "exp.workloads=[[8,6]]", "exp.num_prompts=1", "exp.ppl_tokens=16",
         f"results_dir={tmp_path}", "run=t",
     ]  # fmt: skip
-    out = subprocess.run(cmd, cwd=repo_root(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=repo_root(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    summary = json.loads((tmp_path / "e2e" / "t" / "summary.json").read_text())
+    run = tmp_path / "e2e" / "t"
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["hardware_profile"] == "cpu-emulated" and summary["hardware_emulated"] is True
-    assert summary["exact_share"] == 1.0
+    assert summary["hardware_requested"] == "host"
+    assert summary["exact_share"] == 1.0 and summary["odmoe_agreement"] == 1.0
     assert summary["mem_max_abs_error"] < 0.05
     assert 0 < summary["decode_fraction_of_baseline"]
+    assert summary["stall_overhead_over_bound"] >= 0
     assert summary["mem_mixtral-8x7b_total_model_bytes"] < summary["mem_mixtral-8x7b_cached_model_bytes"] / 2
+    t2 = pd.read_csv(run / "table2.csv")
+    labels = {f"{s}/{e}": c for s, e, c in zip(t2.system, t2.executor, t2.clock, strict=True)}
+    assert labels == {
+        "cached/engine": "cpu-time+virtual",
+        "cached/runtime": "wall",
+        "odmoe/runtime": "wall+sleeps",
+        **{f"{s}/engine": "cpu-time+virtual" for s in ("cpu_only", "mixtral_offloading", "moe_infinity")},
+        **{f"{s}/engine": "cpu-time+virtual" for s in ("hobbit", "adapmoe")},
+    }
+    assert (t2.hardware == "cpu-emulated").all() and t2.timing_emulated.all()
+    exact = t2[t2.system.isin(["cached", "cpu_only", "moe_infinity", "odmoe"])]
+    assert (exact.agreement == 1.0).all() and t2.ttft_ms.gt(0).all() and t2.decode_tps.gt(0).all()
+    md = (run / "table2.md").read_text()
+    assert "OD-MoE" in md and "Transformers (runtime)" in md and "wall+sleeps" in md and "**emulated**" in md
+    for name in ("ttft_ms", "decode_tps", "output_tps", "peak_device_mb", "agreement"):
+        assert (run / f"table2_{name}.png").exists()
+    assert (run / "stalls.png").exists() and (run / "memory.png").exists()

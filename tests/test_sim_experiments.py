@@ -58,7 +58,7 @@ def test_sim_experiment_writes_every_output(tmp_path):
 
 
 def test_sim_measured_needs_the_runtime_outputs_and_reads_them(tmp_path):
-    with pytest.raises(OdmoeError, match="cannot run yet"):
+    with pytest.raises(OdmoeError, match="needs a measured run: exp.e2e_run"):
         run_exp("sim_measured", tmp_path / "a")
     shape = load_shape("tiny-mixtral")
     times = pd.DataFrame({"layer": range(16), "main_s": 0.001, "expert_s": 0.0012, "load_s": 0.006})
@@ -91,6 +91,155 @@ def test_sim_measured_needs_the_runtime_outputs_and_reads_them(tmp_path):
     )
     assert summary["decode_tok_s_max_abs_err_pct"] == pytest.approx(0.0, abs=1e-9)
     assert summary["ttft_s_mean_err_pct"] == pytest.approx(100 * (1 / 1.1 - 1), rel=1e-6)
+
+
+def synthetic_e2e_run(path, iterations: int = 12, speed_factor: float = 1.0):
+    """A +exp=e2e run directory of tiny-mixtral on cpu-emulated with known per-layer times: t_main 2 ms, expert
+    compute 0.4 ms, hidden-vector hop 1 ms, worker step 3 ms; layer 0 of every iteration is loaded after routing
+    (stall = an 8 ms copy), every other layer from a right prediction; an LM-head tail of 1.5 ms. The measured
+    decode is what those times add up to, divided by ``speed_factor`` in decode tok/s."""
+    path.mkdir(parents=True)
+    config = {
+        "exp": {"name": "e2e", "hardware": "cpu-emulated", "overrides": {}, "systems": ["cached", "odmoe"]},
+        "hardware": {"name": "host", "emulated": False, "source": "this machine"},
+        "model": {"name": "tiny-mixtral", "dtype": "float32", "path": None},
+        "system": {
+            "name": "odmoe",
+            "workers": 8,
+            "group_size": None,
+            "slots": None,
+            "expert_dtype": "fp32",
+            "prefill_minibatches": 4,
+            "shadow": {
+                "predictor": "sep",
+                "precision": "fp16",
+                "alignment": "T1_KV1",
+                "departure": "aligned",
+            },
+        },
+    }
+    meta = {"config": config, "hardware": {"profile": "cpu-emulated", "emulated": True, "requested": "host"}}
+    (path / "meta.json").write_text(json.dumps(meta))
+    rows = []
+    for n in range(1, iterations + 1):
+        for layer in range(16):
+            late = layer == 0
+            stall = 0.008 if late else 0.0
+            rows.append(
+                {
+                    "system": "odmoe",
+                    "n": n,
+                    "layer": layer,
+                    "t_main": 0.002,
+                    "t_worker": 0.003 + stall,
+                    "stall": stall,
+                    "compute": 0.0004,
+                    "net_in": 0.001,
+                    "net_in_transport": 0.0006,
+                    "predicted": int(not late),
+                    "mispredicted": 0,
+                    "loaded_from_prediction": 0 if late else 2,
+                    "reloads": 0,
+                    "hits": 0 if late else 2,
+                    "request": "p0",
+                    "job": 0,
+                }
+            )
+    layers = pd.DataFrame(rows)
+    layers.to_csv(path / "layers.csv", index=False)
+    out_len = iterations + 1
+    bound = float((layers.t_main + layers.t_worker - layers.stall).sum()) + 0.0015 * iterations
+    decode = bound + float(layers.stall.sum())
+    shape = load_shape("tiny-mixtral")
+    from odmoe.sim.offload import simulate_cached
+
+    c_ttft, c_dec = simulate_cached(shape, ModelCosts(shape, load_profile("cpu-emulated")), 16, out_len)
+    pd.DataFrame(
+        [
+            {
+                "system": "odmoe",
+                "workload": f"16x{out_len}",
+                "prompt_id": "p0",
+                "prompt_len": 16,
+                "output_len": out_len,
+                "ttft_s": 0.2,
+                "decode_s": decode,
+                "decode_tok_s": speed_factor * (out_len - 1) / decode,
+                "output_tok_s": out_len / (0.2 + decode),
+                "lower_bound_s": bound,
+                "stall_s": float(layers.stall.sum()),
+            },
+            {
+                "system": "cached",
+                "workload": f"16x{out_len}",
+                "prompt_id": "p0",
+                "prompt_len": 16,
+                "output_len": out_len,
+                "ttft_s": c_ttft,
+                "decode_s": c_dec,
+                "decode_tok_s": (out_len - 1) / c_dec,
+                "output_tok_s": out_len / (c_ttft + c_dec),
+                "lower_bound_s": np.nan,
+                "stall_s": np.nan,
+            },
+        ]
+    ).to_csv(path / "requests.csv", index=False)
+    return path
+
+
+def test_sim_measured_derives_its_inputs_from_an_e2e_run(tmp_path):
+    from experiments import sim_measured as sm
+    from odmoe.sim.costs import Formats
+
+    path = synthetic_e2e_run(tmp_path / "run")
+    m = sm.load_run(path)
+    assert m.shape.name == "tiny-mixtral" and m.hardware.name == "cpu-emulated"
+    assert (m.odmoe.num_workers, m.odmoe.token_period, m.odmoe.kv_period, m.odmoe.prefill_overlap) == (
+        8,
+        1,
+        1,
+        True,
+    )
+    assert m.formats.shadow == "fp16"
+    (r, seg), *rest = sm.split_requests(m.layers, m.requests)
+    assert not rest and len(seg) == 12 * 16
+    base = ModelCosts(m.shape, m.hardware, Formats())
+    x = sm.derive_inputs(seg, r, m.shape, m.odmoe, base)
+    wire = base.wire(base.act_bytes(1))
+    t = x.table.set_index("layer")
+    assert t.loc[3, "main_s"] == pytest.approx(0.002) and t.loc[3, "expert_s"] == pytest.approx(0.0004)
+    assert t.loc[-1, "main_s"] == pytest.approx(0.0015)  # the LM-head tail
+    assert t.loc[3, "hop_in_s"] == pytest.approx(0.001 - wire) and x.latency == pytest.approx(0.001 - wire)
+    # zero-stall worker step 3 ms = hop in + compute + hop out + 3 serializations (2 workers, 1 expert each)
+    assert t.loc[3, "hop_out_s"] == pytest.approx(0.003 - 0.001 - 0.0004 - 2 * wire)
+    assert t.loc[3, "shadow_s"] == pytest.approx(0.002 + 2 * 0.0004)
+    # the copy time is the stall of the layers loaded after routing
+    assert x.load_measured and x.load_s == pytest.approx(0.008)
+    assert x.message_s == pytest.approx(0.0006)  # the real transport of a message (prefill queues behind it)
+    assert (x.timely[:, 0] == 0).all() and (x.timely[:, 1:] == 2).all() and (x.hits == x.timely).all()
+
+
+def test_sim_measured_reproduces_a_consistent_run_and_flags_a_wrong_speed(tmp_path):
+    summary, run = run_exp(
+        "sim_measured", tmp_path / "ok", f"exp.e2e_run={synthetic_e2e_run(tmp_path / 'a')}"
+    )
+    table = pd.read_csv(run.path("measured_vs_sim.csv"))
+    assert set(table.columns) >= {"system", "workload", "metric", "measured", "sim", "err_pct"}
+    assert set(table.system) == {"odmoe", "cached_runtime"}
+    odmoe = table[table.system == "odmoe"].set_index("metric")
+    # the simulator puts the measured pieces back together: the same stalls (one 8 ms copy per token) and speed
+    assert summary["odmoe_stall_s_sim"] == pytest.approx(summary["odmoe_stall_s_measured"], rel=0.01)
+    assert abs(odmoe.loc["decode_tok_s", "err_pct"]) < 0.5
+    assert summary["cached_runtime_max_abs_err_pct"] == pytest.approx(0.0, abs=1e-9)
+    # a run measured at half the speed its own per-layer times give cannot agree
+    summary, run = run_exp(
+        "sim_measured", tmp_path / "bad", f"exp.e2e_run={synthetic_e2e_run(tmp_path / 'b', speed_factor=0.5)}"
+    )
+    assert summary["odmoe_decode_tok_s_max_abs_err_pct"] > 90 and summary["within_15pct"] is False
+    bad = tmp_path / "b" / "layers.csv"
+    pd.read_csv(bad).drop(columns=["net_in"]).to_csv(bad, index=False)
+    with pytest.raises(OdmoeError, match="missing column.*net_in"):
+        run_exp("sim_measured", tmp_path / "c", f"exp.e2e_run={tmp_path / 'b'}")
 
 
 @pytest.fixture(scope="module")

@@ -240,7 +240,7 @@ class FixedCosts:
         return self.t_load
 
 
-MEASURED_COLUMNS = ("main_s", "expert_s", "shadow_s", "load_s")
+MEASURED_COLUMNS = ("main_s", "expert_s", "shadow_s", "load_s", "hop_in_s", "hop_out_s")
 
 
 class MeasuredCosts:
@@ -248,43 +248,50 @@ class MeasuredCosts:
 
     ``table`` has one row per decoder layer (``layer``) and any of the columns ``main_s`` (M_l on the main node,
     excluding communication), ``expert_s`` (one worker's expert step, one expert), ``shadow_s`` (S_l) and
-    ``load_s`` (one expert copy); a row with ``layer = -1`` may give ``main_s`` for the LM head. Prefill
-    (tokens > 1) and anything not measured come from ``base``.
+    ``load_s`` (one expert copy), ``hop_in_s`` / ``hop_out_s`` (decode: one-way time of the hidden vector to a
+    worker / of an expert output back, beyond serialization); a row with ``layer = -1`` may give ``main_s`` for
+    the LM head and ``shadow_s`` for the shadow's. ``latency`` (optional) replaces the model's per-message
+    network time (every other message, and hops not measured). Prefill (tokens > 1) comes from ``base``, or
+    with ``extrapolate`` from the measured one-token time plus the model's extra cost of the other tokens
+    (``base(tokens) - base(1)``); anything not measured comes from ``base``.
     """
 
-    def __init__(self, base, table: pd.DataFrame):
+    def __init__(self, base, table: pd.DataFrame, latency: float | None = None, extrapolate: bool = False):
         self.base = base
         self.table = {
             c: dict(zip(table["layer"], table[c], strict=True)) for c in MEASURED_COLUMNS if c in table
         }
-        self.latency = base.latency
+        self.latency = base.latency if latency is None else float(latency)
         self.h2d_latency = getattr(base, "h2d_latency", 0.0)
+        self.extrapolate = extrapolate
 
     def _get(self, col: str, layer: int):
         v = self.table.get(col, {}).get(layer)
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
+    def _mean(self, col: str) -> float | None:
+        """Mean over the measured decoder layers (the LM head row, layer -1, excluded)."""
+        vals = [float(v) for k, v in self.table.get(col, {}).items() if k >= 0 and not math.isnan(float(v))]
+        return sum(vals) / len(vals) if vals else None
+
     def __getattr__(self, name):  # act_bytes, alignment_bytes, wire, shared, cached_layer, ...
         return getattr(self.base, name)
 
     def main(self, layer: int, tokens: int = 1, ctx: int = 0) -> float:
-        v = self._get("main_s", layer) if tokens == 1 else None
-        return self.base.main(layer, tokens, ctx) if v is None else v
+        v = self._get("main_s", layer) if tokens == 1 or self.extrapolate else None
+        if v is None:
+            return self.base.main(layer, tokens, ctx)
+        return v if tokens == 1 else v + self.base.main(layer, tokens, ctx) - self.base.main(layer, 1, ctx)
 
-    def expert(self, experts: int = 1, tokens: int = 1, layer: int | None = None) -> float:
-        col = self.table.get("expert_s", {})
-        v = (
-            self._get("expert_s", layer)
-            if layer is not None
-            else (sum(col.values()) / len(col) if col else None)
-        )
-        return self.base.expert(experts, tokens) if v is None or tokens != 1 else experts * v
+    def expert(self, experts: int = 1, tokens: float = 1, layer: int | None = None) -> float:
+        v = self._get("expert_s", layer) if layer is not None else self._mean("expert_s")
+        if v is None or (tokens != 1 and not self.extrapolate):
+            return self.base.expert(experts, tokens)
+        extra = self.base.expert(experts, tokens) - self.base.expert(experts, 1) if tokens != 1 else 0.0
+        return experts * v + extra
 
     def load(self, layer: int | None = None) -> float:
-        v = self._get("load_s", layer) if layer is not None else None
-        col = self.table.get("load_s", {})
-        if v is None and col and layer is None:
-            v = sum(col.values()) / len(col)
+        v = self._get("load_s", layer) if layer is not None else self._mean("load_s")
         return self.base.load() if v is None else v
 
     def head(self, tokens: int = 1) -> float:
@@ -295,14 +302,23 @@ class MeasuredCosts:
         v = self._get("shadow_s", layer)
         return self.base.shadow(layer, ctx) if v is None else v
 
+    def shadow_head(self) -> float:
+        v = self._get("shadow_s", -1)
+        return self.base.shadow_head() if v is None else v
+
+    def hop(self, layer: int, direction: str) -> float:
+        """One-way network time of a decode message at ``layer``: ``in`` (hidden vector), ``out`` (outputs)."""
+        v = self._get("hop_in_s" if direction == "in" else "hop_out_s", layer)
+        return self.latency if v is None else v
+
 
 def load_measured(path: str | Path, base) -> MeasuredCosts:
     """Read a measured per-layer timing table (CSV or parquet; columns in :class:`MeasuredCosts`)."""
     path = Path(path)
     if not path.exists():
         raise OdmoeError(
-            f"no measured timing table at {path}; the runtime writes one per run (layer_times.csv), "
-            "or pass a CSV with columns layer and any of main_s, expert_s, shadow_s, load_s"
+            f"no measured timing table at {path}; pass a CSV with columns layer and any of main_s, expert_s, "
+            "shadow_s, load_s (+exp=sim_measured exp.e2e_run=... derives one from a +exp=e2e run)"
         )
     table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     if "layer" not in table or not any(c in table for c in MEASURED_COLUMNS):

@@ -156,15 +156,30 @@ def simulate_decode(
     ctx0: int = 0,
     start: float = 0.0,
     record: int = 0,
+    timely: np.ndarray | None = None,
 ) -> DecodeResult:
-    """Decode ``iterations`` tokens (default: one per row of ``hits``) after ``ctx0`` cached positions."""
+    """Decode ``iterations`` tokens (default: one per row of ``hits``) after ``ctx0`` cached positions.
+
+    ``timely`` (optional, same shape as ``hits``, ``hits <= timely <= k``): a measured prediction trace. Per
+    (iteration, MoE layer), the first ``timely`` expert slots are known from a prediction before the hidden vector
+    arrives (as soon as a buffer is free, the shadow is not simulated), ``hits`` of them right; the others are
+    loaded when the hidden vector brings the routing, after the wrong ones' copies.
+    """
     lay = Layout.of(shape, cfg)
     k, moe = shape.top_k, shape.moe_layers
     slot = {layer: j for j, layer in enumerate(moe)}
     iterations = hits.shape[0] if iterations is None else iterations
     if hits.shape[0] < iterations or hits.shape[1] != len(moe):
         raise OdmoeError(f"hits has shape {hits.shape}; need at least ({iterations}, {len(moe)})")
+    if timely is not None and (
+        timely.shape[0] < iterations or timely.shape[1] != len(moe) or (timely < hits[: len(timely)]).any()
+    ):
+        raise OdmoeError(f"timely has shape {timely.shape} or counts below hits; need hits <= timely <= {k}")
     lat = costs.latency
+    # per-layer one-way times of the hidden vector (in) and the outputs (back), where measured
+    hop = getattr(costs, "hop", None)
+    lat_in = [hop(i, "in") if hop else lat for i in range(shape.num_layers)]
+    lat_out = [hop(i, "out") if hop else lat for i in range(shape.num_layers)]
     t_load = costs.load()
     hidden = costs.act_bytes(1)
     tl = Timeline(record=record)
@@ -188,6 +203,19 @@ def simulate_decode(
     stall = [[0.0] * len(moe) for _ in range(iterations)]
     late = [[0] * len(moe) for _ in range(iterations)]
     never = -math.inf if cfg.predictor == "ahead" else math.inf
+    # timely trace: per (hits, timely), each group worker's (early, wrong among early, late) expert counts
+    split = {}
+    if timely is not None:
+        never = -math.inf
+        trows = timely.tolist()
+        slots_of = [[s for s in range(k) if s % lay.group_size == i] for i in range(lay.group_size)]
+        for h in range(k + 1):
+            for t in range(h, k + 1):
+                split[h, t] = [
+                    (sum(s < t for s in ss), sum(h <= s < t for s in ss), sum(s >= t for s in ss))
+                    for i, ss in enumerate(slots_of)
+                    if lay.share[i]
+                ]
 
     for n in range(iterations):
         ctx = ctx0 + n
@@ -195,7 +223,7 @@ def simulate_decode(
         main_starts.append(main_free)
         # ---- shadow: when does its routing of each MoE layer reach the workers? ----
         pred = [never] * len(moe)
-        if cfg.predictor == "shadow":
+        if cfg.predictor == "shadow" and timely is None:
             s = shadow_free
             if due(n, cfg.token_period) or due(n, cfg.kv_period):
                 s = max(s, align_at)
@@ -222,23 +250,39 @@ def simulate_decode(
             arrive = []
             for _ in group[j]:  # hidden vector (+ true routing) to each worker of the group
                 tx_free = (m1 if m1 > tx_free else tx_free) + send
-                arrive.append(tx_free + lat)
+                arrive.append(tx_free + lat_in[i])
             main_free = m1 + t_shared
             if main_free > m1:
                 rec and tl.add("main", "shared", n, i, m1, main_free)
             outs = []
-            for w, a, nexp, miss in zip(group[j], arrive, share[j], miss_of[hit_row[j]], strict=True):
+            splits = split[hit_row[j], trows[n][j]] if timely is not None else None
+            for x, (w, a, nexp, miss) in enumerate(
+                zip(group[j], arrive, share[j], miss_of[hit_row[j]], strict=True)
+            ):
                 buf = held[w][0] if len(held[w]) == cfg.buffers else -math.inf
-                l0 = max(buf, min(pred[j], a), link_free[w])
-                l1 = l0 + nexp * t_load
-                rec and tl.add(f"worker {w}", "load", n, i, l0, l1)
-                done = l1
-                if a > l0 and miss:  # predicted experts loaded; the truth shows `miss` of them wrong
-                    r0 = a if a > l1 else l1
-                    done = r0 + miss * t_load
-                    rec and tl.add(f"worker {w}", "reload", n, i, r0, done)
-                    late_row[j] += miss
-                link_free[w] = done
+                if splits is not None:  # measured trace: `early` known before the hidden vector
+                    early, wrong, later = splits[x]
+                    l0 = max(buf, -math.inf if early else a, link_free[w])
+                    l1 = l0 + (early if a > l0 else nexp) * t_load
+                    rec and tl.add(f"worker {w}", "load", n, i, l0, l1)
+                    done = l1
+                    if a > l0 and wrong + later:
+                        r0 = a if a > l1 else l1
+                        done = r0 + (wrong + later) * t_load
+                        rec and tl.add(f"worker {w}", "reload", n, i, r0, done)
+                        late_row[j] += wrong
+                    link_free[w] = done
+                else:
+                    l0 = max(buf, min(pred[j], a), link_free[w])
+                    l1 = l0 + nexp * t_load
+                    rec and tl.add(f"worker {w}", "load", n, i, l0, l1)
+                    done = l1
+                    if a > l0 and miss:  # predicted experts loaded; the truth shows `miss` of them wrong
+                        r0 = a if a > l1 else l1
+                        done = r0 + miss * t_load
+                        rec and tl.add(f"worker {w}", "reload", n, i, r0, done)
+                        late_row[j] += miss
+                    link_free[w] = done
                 c0 = done if done > a else a
                 c1 = c0 + t_exp[i, nexp]
                 rec and tl.add(f"worker {w}", "compute", n, i, c0, c1)
@@ -248,8 +292,8 @@ def simulate_decode(
                 outs.append((c1, nexp))
             for c1, nexp in sorted(outs):  # outputs back through the main's inbound FIFO
                 rx_free = (c1 if c1 > rx_free else rx_free) + back[nexp]
-                if rx_free + lat > ready:
-                    ready = rx_free + lat
+                if rx_free + lat_out[i] > ready:
+                    ready = rx_free + lat_out[i]
         h0 = max(main_free, ready)
         main_free = h0 + costs.head(1)
         rec and tl.add("main", "head", n, -1, h0, main_free)
@@ -288,10 +332,13 @@ def simulate_prefill(
     counts: np.ndarray | None = None,
     record: bool = False,
 ) -> tuple[float, Timeline]:
-    """Time to first token of a ``prompt_len``-token prompt (request arrives at t = 0)."""
+    """Time to first token of a ``prompt_len``-token prompt (request arrives at t = 0). ``costs.prefill_message``
+    (optional, default 0): a CPU cost per message, serialized on the main node's outbound and inbound FIFOs."""
     counts = expected_prefill_counts(shape, prompt_len) if counts is None else counts
     slot = {layer: j for j, layer in enumerate(shape.moe_layers)}
     nw, lat, t_load = cfg.num_workers, costs.latency, costs.load()
+    # CPU cost of one message (measured runs on shared cores), serialized on the main node's FIFOs
+    per_msg = getattr(costs, "prefill_message", 0.0)
     tl = Timeline()
 
     def add(resource: str, kind: str, layer: int, start: float, end: float) -> None:
@@ -324,7 +371,7 @@ def simulate_prefill(
                 for w, n in batch:
                     if c < chunks[w]:
                         send = m1 if cfg.prefill_overlap else loaded[w] + lat
-                        tx_free = max(send, tx_free) + costs.wire(costs.act_bytes(n / chunks[w]))
+                        tx_free = max(send, tx_free) + costs.wire(costs.act_bytes(n / chunks[w])) + per_msg
                         arrive[w].append(tx_free + lat)
             outs = []
             for w, n in batch:
@@ -339,7 +386,7 @@ def simulate_prefill(
                     outs.append((t, n))
                 buf_free[w] = t
             for t, n in sorted(outs):
-                rx_free = max(t, rx_free) + costs.wire(costs.act_bytes(n))
+                rx_free = max(t, rx_free) + costs.wire(costs.act_bytes(n)) + per_msg
                 ready = max(ready, rx_free + lat)
     h0 = max(main_free, ready)
     ttft = h0 + costs.head(1)
@@ -379,9 +426,13 @@ def simulate_request(
     hits: np.ndarray,
     counts: np.ndarray | None = None,
     record: int = 0,
+    timely: np.ndarray | None = None,
 ) -> RequestResult:
-    """Prefill, then ``output_len - 1`` decode iterations starting when the first token is out."""
+    """Prefill, then ``output_len - 1`` decode iterations starting when the first token is out (``timely``: see
+    :func:`simulate_decode`)."""
     ttft, ptl = simulate_prefill(shape, costs, cfg, prompt_len, counts, record=bool(record))
-    dec = simulate_decode(shape, costs, cfg, hits, output_len - 1, ctx0=prompt_len, start=ttft, record=record)
+    dec = simulate_decode(
+        shape, costs, cfg, hits, output_len - 1, ctx0=prompt_len, start=ttft, record=record, timely=timely
+    )
     dec.timeline.spans = ptl.spans + dec.timeline.spans
     return RequestResult(prompt_len, output_len, ttft, dec)
