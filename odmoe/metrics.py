@@ -86,3 +86,20 @@ def ratio(frame, by: str | list[str] | None = None, hits_col: str = "hits", slot
         return float(frame[hits_col].sum() / slots) if slots else float("nan")
     sums = frame.groupby(by)[[hits_col, slots_col]].sum()
     return sums[hits_col] / sums[slots_col]
+
+
+def request_speed(prompt_len: int, tokens: list[int], t0: float, t_first: float, t_last: float) -> dict:
+    """TTFT and throughputs of one request from its clock readings (start, first token, last token).
+
+    Decode throughput counts the tokens after the first (the first comes from prefill); output
+    throughput counts every output token over prefill and decode, as the paper's Table 2."""
+    n, decode_s = len(tokens), t_last - t_first
+    return {
+        "prompt_len": prompt_len,
+        "output_len": n,
+        "tokens": tokens,
+        "ttft_s": t_first - t0,
+        "decode_s": decode_s,
+        "decode_tok_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan"),
+        "output_tok_s": n / (t_last - t0),
+    }

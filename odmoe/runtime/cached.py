@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from odmoe.device import Ledger
+from odmoe.metrics import request_speed
 from odmoe.models.load import LoadedModel
 from odmoe.runtime import memory
 from odmoe.trace import check_length, forward_step
@@ -64,17 +65,10 @@ def run_cached(
                 ledger.set("kv", _kv(cache))
             t_last = time.perf_counter()
             ledger.set("activations", 0)
-            decode_s = t_last - t_first
             row = {
                 "request": job.get("id", str(i)),
                 "job": i,
-                "prompt_len": P,
-                "output_len": out_len,
-                "tokens": tokens,
-                "ttft_s": t_first - t0,
-                "decode_s": decode_s,
-                "decode_tok_s": (out_len - 1) / decode_s if out_len > 1 else float("nan"),
-                "output_tok_s": out_len / (t_last - t0),
+                **request_speed(P, tokens, t0, t_first, t_last),
                 "peak_total": int(ledger.peak),
                 "prefill_peak_total": int(prefill_peak),
             }

@@ -36,6 +36,7 @@ from transformers import DynamicCache
 
 from odmoe.device import now
 from odmoe.errors import OdmoeError
+from odmoe.metrics import request_speed
 from odmoe.models.load import load_model
 from odmoe.runtime import memory, prefill
 from odmoe.runtime.layout import SHADOW, Layout, resolve
@@ -240,7 +241,6 @@ class MainNode:
             job,
             i,
             P,
-            out_len,
             t0,
             t_first,
             t_last,
@@ -286,7 +286,6 @@ class MainNode:
         job,
         i,
         P,
-        out_len,
         t0,
         t_first,
         t_last,
@@ -314,13 +313,7 @@ class MainNode:
         out = {
             "request": job.get("id", str(i)),
             "job": i,
-            "prompt_len": P,
-            "output_len": out_len,
-            "tokens": tokens,
-            "ttft_s": t_first - t0,
-            "decode_s": decode_s,
-            "decode_tok_s": (out_len - 1) / decode_s if out_len > 1 and decode_s > 0 else float("nan"),
-            "output_tok_s": out_len / (t_last - t0),
+            **request_speed(P, tokens, t0, t_first, t_last),
             "lower_bound_s": bound,
             "stall_s": float(df["stall"].sum()) if len(df) else 0.0,
             "stalled_layers": int((df["stall"] > 0.0005).sum()) if len(df) else 0,
