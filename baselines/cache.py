@@ -32,6 +32,7 @@ class Entry:
     uses: int = 0  # times used
     full_uses: int = 0  # times used at the system's high precision (HOBBIT)
     prefetched: bool = False
+    transfer: int = -1  # the request's link transfer that brought it (-1: resident before the request)
 
     @property
     def layer(self) -> int:

@@ -34,10 +34,12 @@ from transformers import DynamicCache
 from baselines.cache import Entry, EvictionContext, ExpertCache, Key
 from baselines.lowbit import nf4_roundtrip
 from baselines.timing import Clock, Ledger, make_link
+from odmoe.decoding import next_token
 from odmoe.errors import OdmoeError
 from odmoe.hardware import HardwareProfile
 from odmoe.models.adapter import swiglu_expert
 from odmoe.models.load import LoadedModel
+from odmoe.record import EngineRecord
 from odmoe.trace import check_length, forward_step
 
 FORMATS = ("fp32", "nf4")
@@ -91,6 +93,7 @@ class GenResult:
     peak_device_bytes: int
     cuda_peak_bytes: int | None = None
     link_bytes: int = 0
+    record: EngineRecord | None = None
 
     @property
     def decode_tps(self) -> float:
@@ -170,6 +173,10 @@ class OffloadEngine:
         self.tick = 0
         self.layer_now = self.layers[0]
         self.history: list[Key] = []  # demand accesses in order (tests)
+        self.record: EngineRecord | None = None  # set per request by generate(record=True)
+        self._mark = 0.0  # compute clock at the end of the last MoE layer (or the step's start)
+        self._extra = 0.0  # the step's charged host_slowdown
+        self._transfer_kind = "demand"
         self._protected: set[Key] = set()  # keys the running layer still needs
         policy.engine = self
         self.reset_cache()
@@ -246,11 +253,13 @@ class OffloadEngine:
         for victim in evicted:
             if self.policy.writeback:  # device->host copy on the same link, before the new load
                 self.link.transfer(victim.nbytes, self.clock.now())
+                self._note_transfer(victim.nbytes, "writeback")
                 self.stats.writebacks += 1
         weights, handle = self.link.copy(self.host[key], nbytes, self.clock)
         entry = Entry(
             key, nbytes, weights, handle, inserted=self.tick, last_use=self.tick, prefetched=prefetch
         )
+        entry.transfer = self._note_transfer(nbytes, "prefetch" if prefetch else "demand")
         if self.emulated:
             entry.ready_at = handle
         self.cache.insert(entry)
@@ -261,6 +270,11 @@ class OffloadEngine:
         else:
             self.stats.loads += 1
         return entry
+
+    def _note_transfer(self, nbytes: int, kind: str) -> int:
+        if self.record is None:
+            return -1
+        return self.record.transfer(nbytes, kind)
 
     def prefetch(self, keys: Iterable[Key], protected: Iterable[Key] = ()) -> None:
         """The prefetch queue: copy ``keys`` in order, behind whatever the link is already doing."""
@@ -275,7 +289,10 @@ class OffloadEngine:
     @torch.no_grad()
     def _layer(self, layer: int, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         self.layer_now = layer
+        t_enter = self.clock.compute()
+        first_transfer = len(self.record.transfers) if self.record is not None else 0
         plan, w = self.policy.plan(self, layer, hidden, idx, w)
+        t_planned = self.clock.compute()
         keys = sorted(plan)
         self.stats.slots += idx.numel()
         self.stats.skipped += idx.numel() - sum(len(t) for t, _ in plan.values())
@@ -299,21 +316,31 @@ class OffloadEngine:
                 deferred.append(key)
             else:
                 pending.append(entry)
+        demand_end = len(self.record.transfers) if self.record is not None else 0
+        t_demanded = self.clock.compute()
         self.policy.prefetch(self, layer, hidden, idx, w)
+        t_issued = self.clock.compute()
+        prefetch_end = len(self.record.transfers) if self.record is not None else 0
+        waits: list[int] = []  # per computed expert, in compute order: its transfer (-1: resident)
+        deferred_after: list[int] = []  # per deferred transfer: experts computed before it was issued
         results: dict[tuple[int, str], torch.Tensor] = {}
         while pending or deferred:
             while deferred:
+                issued = len(self.record.transfers) if self.record is not None else 0
                 entry = self.load(deferred[0], self._protected)
                 if entry is None:
                     break
                 pending.append(entry)
                 deferred.pop(0)
+                if self.record is not None:  # its copy and any write-back before it
+                    deferred_after += [len(results)] * (len(self.record.transfers) - issued)
             if not pending:
                 raise RuntimeError(f"layer {layer}: cannot make room for {deferred[0]}")
             entry = min(pending, key=lambda en: en.ready_at)
             pending.remove(entry)
             if self.link is not None:
                 self.link.wait(entry.handle, self.clock)
+            waits.append(entry.transfer)
             _, e, fmt = entry.key
             token_idx, pos = plan[(e, fmt)]
             gate_up, down = entry.weights
@@ -330,6 +357,24 @@ class OffloadEngine:
         out = torch.zeros_like(hidden)
         for key in keys:
             out.index_add_(0, plan[key][0], results[key].to(out.dtype))
+        if self.record is not None:
+            now = self.clock.compute()
+            ids = [t["transfer"] for t in self.record.transfers]
+            self.record.layer(
+                layer=layer,
+                t_main=t_enter - self._mark,
+                t_plan=t_planned - t_enter,
+                t_demand=t_demanded - t_planned,
+                t_prefetch=t_issued - t_demanded,
+                t_experts=now - t_issued,
+                computed=len(keys),
+                demand=ids[first_transfer:demand_end],
+                prefetch=ids[demand_end:prefetch_end],
+                deferred=ids[prefetch_end:],
+                deferred_after=deferred_after,
+                waits=waits,
+            )
+            self._mark = now
         return out
 
     # ---- requests --------------------------------------------------------------------------
@@ -342,15 +387,24 @@ class OffloadEngine:
 
     def _step(self, ids: torch.Tensor, cache: DynamicCache, seq_len: int) -> torch.Tensor:
         t = self.timer()
+        self._mark = self.clock.compute()
         logits = forward_step(self.model, ids, cache)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        extra = 0.0
         if self.policy.host_slowdown != 1.0:
-            self.clock.add((self.policy.host_slowdown - 1.0) * (self.timer() - t))
+            extra = (self.policy.host_slowdown - 1.0) * (self.timer() - t)
+            self.clock.add(extra)
+        self._extra = extra
         if self.policy.on_device:
             self.ledger.kv = self._kv_bytes(seq_len)
             self.ledger.update()
         return logits
+
+    def _end_step(self) -> None:
+        """Close the step's record after its token is chosen (the tail: LM head, token choice)."""
+        if self.record is not None:
+            self.record.end_step(self.clock.compute() - self._mark, self._extra)
 
     def _begin(self, prompt: Sequence[int]) -> None:
         self.stats = Stats()
@@ -367,6 +421,7 @@ class OffloadEngine:
             self.link.reset()
         for entry in self.cache.entries.values():
             entry.ready_at = 0.0
+            entry.transfer = -1
             if self.emulated:  # the emulated handle is the deadline on the previous request's clock
                 entry.handle = 0.0
 
@@ -376,21 +431,27 @@ class OffloadEngine:
         return self.adapter.parameter_bytes()["non_experts"]
 
     @torch.no_grad()
-    def generate(self, prompt: Sequence[int], output_len: int) -> GenResult:
-        """Greedy batch-1 decoding of ``output_len`` tokens, timed on the engine's clock."""
+    def generate(self, prompt: Sequence[int], output_len: int, record: bool = False) -> GenResult:
+        """Batch-1 decoding of ``output_len`` tokens, timed on the engine's clock; with ``record`` the
+        result carries what the engine did (``baselines.record``)."""
         check_length(self.model, len(prompt), output_len)
         self._begin(prompt)
+        self.record = EngineRecord() if record else None
         kv = DynamicCache(config=self.model.config)
         ids = torch.as_tensor(list(prompt), device=self.device)[None]
         logits = self._step(ids, kv, len(prompt))
-        tokens = [int(logits.argmax())]
+        prompt = list(prompt)
+        tokens = [next_token(self.model, prompt, logits)]
+        self._end_step()
         ttft = self.clock.now()
         prefill_stall = self.clock.stall
         for i in range(output_len - 1):
             logits = self._step(torch.tensor([[tokens[-1]]], device=self.device), kv, len(prompt) + i + 1)
-            tokens.append(int(logits.argmax()))
+            tokens.append(next_token(self.model, prompt + tokens, logits))
+            self._end_step()
         total = self.clock.now()
         self.policy.end_request(self)
+        rec, self.record = self.record, None
         cuda_peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return GenResult(
             tokens,
@@ -402,6 +463,7 @@ class OffloadEngine:
             self.ledger.peak,
             cuda_peak,
             self.link.bytes_moved if self.link is not None else 0,
+            rec,
         )
 
     @torch.no_grad()

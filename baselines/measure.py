@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from odmoe.errors import OdmoeError
 from odmoe.hardware import HardwareProfile
 from odmoe.models.load import LoadedModel
 from odmoe.paths import repo_root
+from odmoe.record import save_records
 from odmoe.trace import reference_decode
 
 SYSTEMS = ("cached", "cpu_only", "mixtral_offloading", "moe_infinity", "hobbit", "adapmoe")
@@ -80,15 +82,24 @@ def run_system(
     hardware: HardwareProfile,
     references: Mapping[tuple[tuple[int, ...], int], Sequence[int]],
     ppl_ids: Sequence[int] | None = None,
+    record_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure system ``name`` on every workload (cold cache at each workload's start); one row each."""
+    """Measure system ``name`` on every workload (cold cache at each workload's start); one row each.
+    With ``record_dir``, what the engine did in each request is saved there (``baselines.record``) as
+    ``<name>-<prompt_len>x<output_len>.*.parquet``."""
     engine = build_engine(name, cfg, lm, hardware)
     try:
         ppl = engine.perplexity(list(ppl_ids)) if ppl_ids is not None else float("nan")
         rows = []
         for w in workloads:
             engine.reset_cache()
-            results = [engine.generate(ids, w.output_len) for _, ids in w.prompts]
+            record = record_dir is not None
+            results = [engine.generate(ids, w.output_len, record=record) for _, ids in w.prompts]
+            if record:
+                save_records(
+                    [(pid, r.record) for (pid, _), r in zip(w.prompts, results, strict=True)],
+                    record_dir / f"{name}-{w.prompt_len}x{w.output_len}",
+                )
             agree = [
                 np.mean(np.asarray(r.tokens) == np.asarray(references[(tuple(ids), w.output_len)]))
                 for r, (_, ids) in zip(results, w.prompts, strict=False)

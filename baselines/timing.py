@@ -44,6 +44,7 @@ class Clock:
     t0: float | None = None
     offset: float = 0.0
     stall: float = 0.0
+    real_stall: float = 0.0  # the part of ``stall`` that passed on ``timer`` (CUDA waits)
 
     def __post_init__(self) -> None:
         if self.t0 is None:
@@ -51,6 +52,10 @@ class Clock:
 
     def now(self) -> float:
         return self.timer() - self.t0 + self.offset
+
+    def compute(self) -> float:
+        """Compute time so far: the timer's time minus the stalls it saw (the replay's input)."""
+        return self.timer() - self.t0 - self.real_stall
 
     def wait_until(self, deadline: float) -> float:
         """Stall until ``deadline`` (emulated): returns the stall added."""
@@ -149,6 +154,7 @@ class CudaLink:
         torch.cuda.current_stream(self.device).wait_event(handle)
         gap = time.perf_counter() - t
         clock.stall += gap
+        clock.real_stall += gap
         return gap
 
 

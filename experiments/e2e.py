@@ -25,6 +25,8 @@ figures (``plots/e2e.py``). Runtime details: ``requests.csv`` (one row per syste
 prompt), ``layers.csv`` (OD-MoE: one row per decode iteration and MoE layer: main and worker time,
 stall, prediction, shadow lead), ``memory.csv`` (measured peak device bytes per node against the
 analytic model for the embedded model, and the model alone for Mixtral-8x7B on the paper's layout).
+Single-device executors' per-layer records (``odmoe.record``; the simulator's replay input):
+``records/engine/<system>-<P>x<O>.*.parquet`` and ``records/runtime/cached-<P>x<O>.*.parquet``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from odmoe.hardware import HardwareProfile, load_profile, profile_from_config
 from odmoe.models import load_from_cfg
 from odmoe.models.load import LoadedModel
 from odmoe.paths import repo_root
+from odmoe.record import save_records
 from odmoe.results import ResultTable, Run
 from odmoe.runtime import memory
 from odmoe.runtime.cached import run_cached
@@ -86,7 +89,13 @@ def held_out_ids(tokenizer, n: int) -> list[int]:
 
 # ---- the runtime executor ----------------------------------------------------------------------
 def _run_cached(cfg, system_cfg, lm: LoadedModel, jobs: list[dict], run: Run) -> list[dict]:
-    return run_cached(lm, jobs, threads=int(system_cfg.get("threads", 1)))
+    results = run_cached(lm, jobs, threads=int(system_cfg.get("threads", 1)))
+    by_workload: dict[str, list] = {}
+    for job, r in zip(jobs, results, strict=True):
+        by_workload.setdefault(job["workload"], []).append((job["id"], r.pop("record")))
+    for workload, records in by_workload.items():
+        save_records(records, run.path("records") / "runtime" / f"cached-{workload}")
+    return results
 
 
 def _run_odmoe(cfg, system_cfg, lm: LoadedModel, jobs: list[dict], run: Run) -> list[dict]:
@@ -266,7 +275,16 @@ def run(cfg, run: Run) -> dict:
         t0 = time.perf_counter()
         if executor == "engine":
             cfg_dict = OmegaConf.to_container(configs[name], resolve=True)
-            rows = run_engine_system(name, cfg_dict, lm, todo, hardware, references, ppl_ids)
+            rows = run_engine_system(
+                name,
+                cfg_dict,
+                lm,
+                todo,
+                hardware,
+                references,
+                ppl_ids,
+                record_dir=run.path("records") / "engine",
+            )
             clock = "cpu-time+virtual" if rows[0]["timing_emulated"] else "wall"
             rows = [{**r, "executor": executor, "clock": clock} for r in rows]
         else:

@@ -4,13 +4,15 @@
 
 Times in, end-to-end out: every OD-MoE request of a ``+exp=e2e`` run is re-simulated from that request's measured
 per-layer costs and prediction trace, on the run's hardware profile and OD-MoE settings, and the simulated TTFT,
-decode and output throughput are compared with the measured ones (``measured_vs_sim.csv``). The fully cached
-model and CPU-only (the cached model x ``host_slowdown``) are simulated from the profile alone: the run does not
-time their layers. The other baselines are listed in ``systems_not_simulated``: the run records neither their
-routing nor their predictors' recall, and ``odmoe/sim/offload.py`` has no global cache, mixed precision,
-skipping or adaptive gating.
+decode and output throughput are compared with the measured ones (``measured_vs_sim.csv``). Every single-device
+system (the fully cached model on both executors, CPU-only and the four offloading baselines) is replayed from
+its per-layer record (``records/``, ``odmoe/record.py``) by ``odmoe/sim/replay.py``: the executor's decisions
+(which copies it issued where, which each layer waited for) and per-layer mean compute costs in, the link's
+FIFO schedule, stalls and end-to-end speed out; compared with the means over prompts of ``table2.csv``
+(engine) or ``requests.csv`` (runtime). A run without records (made before they existed) lists its engine
+systems in ``systems_not_simulated``.
 
-Taken from the measured run, and nothing else from it:
+For OD-MoE, taken from the measured run, and nothing else from it:
 
 * ``meta.json``: the model (its shape), the hardware profile the systems ran on (with the run's overrides), the
   OD-MoE settings (workers, group size, slots, alignment periods and payload, departure, prefill mini-batches,
@@ -37,7 +39,7 @@ Taken from the measured run, and nothing else from it:
   (``lower_bound_s`` - the layers' zero-stall times) / iterations, for the main's and the shadow's LM head.
 
 Compared, never used as inputs: the measured TTFT, decode and output tok/s (``requests.csv``, and
-``table2.csv`` for the engine's systems). Predicted: the schedule (when each copy starts and ends given the
+``table2.csv`` for the engine's systems), and the measured stalls. Predicted: the schedule (when each copy starts and ends given the
 buffers, the link and the prediction trace; the main node's FIFOs; alignment), hence the stalls and the decode
 time; and prefill, which the runtime does not time per layer: the measured one-token costs plus the model's
 cost of the prompt's other tokens (``MeasuredCosts(extrapolate=True)``).
@@ -60,12 +62,13 @@ from omegaconf import OmegaConf
 from odmoe.errors import OdmoeError
 from odmoe.hardware import HardwareProfile, load_profile, profile_from_config
 from odmoe.paths import repo_root
+from odmoe.record import load_records
 from odmoe.results import Run
 from odmoe.sim import recall as rc
 from odmoe.sim.config import costs_of, formats_of, hardware_of, odmoe_of, shape_of
 from odmoe.sim.costs import Formats, MeasuredCosts, ModelCosts
 from odmoe.sim.distributed import Layout, ODMoEConfig, simulate_request
-from odmoe.sim.offload import simulate_cached
+from odmoe.sim.replay import mean_costs, replay
 from odmoe.sim.shapes import ModelShape
 
 NEEDED = ("layer_times", "recall_trace", "measured")
@@ -351,29 +354,88 @@ class RunCosts(MeasuredCosts):
         return 0.0
 
 
-class Slower:
-    """``costs`` with every single-device compute step ``factor`` times slower (the engine's CPU-only baseline
-    on the emulated device: ``host_slowdown``)."""
-
-    def __init__(self, costs, factor: float):
-        self.costs, self.factor = costs, factor
-
-    def __getattr__(self, name):
-        return getattr(self.costs, name)
-
-    def cached_layer(self, *args, **kw) -> float:
-        return self.factor * self.costs.cached_layer(*args, **kw)
-
-    def head(self, tokens: int = 1) -> float:
-        return self.factor * self.costs.head(tokens)
-
-
 def _speeds(P: int, out_len: int, ttft: float, decode: float) -> dict[str, float]:
     return {
         "ttft_s": ttft,
         "decode_tok_s": (out_len - 1) / decode if decode > 0 else math.nan,
         "output_tok_s": out_len / (ttft + decode),
     }
+
+
+def _host_slowdown(m: MeasuredRun, system: str) -> float:
+    if system != "cpu_only":
+        return 1.0
+    slowdown = _system(m.config, "cpu_only").get("host_slowdown")
+    if slowdown is None:
+        from baselines.cpu_only import DEFAULT_HOST_SLOWDOWN
+
+        slowdown = DEFAULT_HOST_SLOWDOWN if m.config.get("device") != "cuda" else 1.0
+    return float(slowdown)
+
+
+def _measured_rows(
+    m: MeasuredRun, executor: str, system: str, P: int, out_len: int
+) -> dict[str, float] | None:
+    """The measured means over prompts the replay is compared with (never an input)."""
+    if executor == "runtime":
+        g = m.requests[(m.requests.system == system) & (m.requests.workload == f"{P}x{out_len}")]
+        return {k: float(g[k].mean()) for k in METRICS} if len(g) else None
+    if m.table2 is None:
+        return None
+    t = m.table2
+    g = t[(t.executor == "engine") & (t.system == system) & (t.prompt_len == P) & (t.output_len == out_len)]
+    if not len(g):
+        return None
+    r = g.iloc[0]
+    return {"ttft_s": r.ttft_ms / 1e3, "decode_tok_s": r.decode_tps, "output_tok_s": r.output_tps}
+
+
+def replay_run(m: MeasuredRun) -> tuple[list[dict], list[str]]:
+    """Replay every record set of the run (``records/<executor>/<system>-<P>x<O>``, ``odmoe/sim/replay.py``);
+    one row per (system, workload): simulated against measured means over prompts. Also the engine systems
+    of table2.csv that left no records (an older run)."""
+    rows, seen = [], set()
+    for executor in ("engine", "runtime"):
+        for layers_file in sorted((m.path / "records" / executor).glob("*.layers.parquet")):
+            stem = layers_file.name.removesuffix(".layers.parquet")
+            system, workload = stem.rsplit("-", 1)
+            P, out_len = (int(x) for x in workload.split("x"))
+            measured = _measured_rows(m, executor, system, P, out_len)
+            if measured is None:
+                continue
+            rec = load_records(layers_file.with_name(stem))
+            prefill = mean_costs(rec["layers"], rec["steps"], "prefill")
+            sims = []
+            for request, lay in rec["layers"].groupby("request", sort=False):
+                steps = rec["steps"][rec["steps"].request == request]
+                transfers = rec["transfers"]
+                transfers = transfers[transfers.request == request] if len(transfers) else transfers
+                costs = {"prefill": prefill, "decode": mean_costs(lay, steps, "decode")}
+                r = replay(
+                    lay,
+                    steps,
+                    transfers,
+                    costs,
+                    m.hardware.h2d_bandwidth,
+                    m.hardware.h2d_latency or 0.0,
+                    _host_slowdown(m, system),
+                )
+                sims.append(_speeds(P, out_len, r.ttft, r.decode_time))
+            name = f"{system}_{executor}" if system == "cached" else system
+            seen.add(system if executor == "engine" else f"{system}_runtime")
+            rows.append(
+                {
+                    "system": name,
+                    "workload": workload,
+                    "prompt_id": "mean",
+                    **{f"{k}_measured": float(v) for k, v in measured.items()},
+                    **{f"{k}_sim": float(np.mean([s[k] for s in sims])) for k in METRICS},
+                }
+            )
+    missing = []
+    if m.table2 is not None:
+        missing = [s for s in m.table2[m.table2.executor == "engine"].system.unique() if s not in seen]
+    return rows, missing
 
 
 def from_run(path: Path, run: Run, predictions: str = "trace") -> dict:
@@ -410,51 +472,8 @@ def from_run(path: Path, run: Run, predictions: str = "trace") -> dict:
                 **{f"{k}_sim": v for k, v in _speeds(P, out_len, sim.ttft, sim.decode_time).items()},
             }
         )
-    cached = {}
-
-    def cached_sim(P: int, out_len: int, slowdown: float = 1.0) -> dict:
-        if (P, out_len, slowdown) not in cached:
-            c = base if slowdown == 1.0 else Slower(base, slowdown)
-            cached[P, out_len, slowdown] = _speeds(P, out_len, *simulate_cached(shape, c, P, out_len))
-        return cached[P, out_len, slowdown]
-
-    for _, r in m.requests[m.requests.system == "cached"].iterrows():
-        sim = cached_sim(int(r.prompt_len), int(r.output_len))
-        per_request.append(
-            {
-                "system": "cached_runtime",
-                "workload": r.workload,
-                "prompt_id": r.get("prompt_id", ""),
-                **{f"{k}_measured": float(r[k]) for k in METRICS},
-                **{f"{k}_sim": v for k, v in sim.items()},
-            }
-        )
-    not_simulated = []
-    if m.table2 is not None:
-        for _, r in m.table2[m.table2.executor == "engine"].iterrows():
-            P, out_len = int(r.prompt_len), int(r.output_len)
-            if r.system == "cached":
-                sim = cached_sim(P, out_len)
-            elif r.system == "cpu_only":
-                slowdown = _system(m.config, "cpu_only").get("host_slowdown")
-                if slowdown is None:
-                    from baselines.cpu_only import DEFAULT_HOST_SLOWDOWN
-
-                    slowdown = DEFAULT_HOST_SLOWDOWN if not (m.config.get("device") == "cuda") else 1.0
-                sim = cached_sim(P, out_len, float(slowdown))
-            else:
-                not_simulated.append(str(r.system))
-                continue
-            measured = {"ttft_s": r.ttft_ms / 1e3, "decode_tok_s": r.decode_tps, "output_tok_s": r.output_tps}
-            per_request.append(
-                {
-                    "system": f"{r.system}_engine" if r.system == "cached" else str(r.system),
-                    "workload": f"{P}x{out_len}",
-                    "prompt_id": "mean",
-                    **{f"{k}_measured": float(v) for k, v in measured.items()},
-                    **{f"{k}_sim": v for k, v in sim.items()},
-                }
-            )
+    replayed, not_simulated = replay_run(m)
+    per_request += replayed
     if not per_request:
         raise OdmoeError(f"{path}: no OD-MoE, cached or simulated baseline rows to compare")
     detail = pd.DataFrame(per_request)

@@ -170,7 +170,7 @@ def run(cfg, run: Run) -> dict:
             r, source = RECALL["random"][0], "paper: " + RECALL["random"][1] + " (hypergeometric draws)"
             hits_fn = partial(rc.random_prefetch, shape.num_experts, shape.top_k, 255, shape.num_moe_layers)
         elif case in measured:
-            r, source = measured[case], f"measured: {e.recall_table} ({MEASURED_MODE[case]})"
+            r, source = measured[case], f"measured: +exp=recall, int8 {MEASURED_MODE[case]}"
         elif case == 1:
             r, source = r1, "paper: " + RECALL["T1_KV1_int8"][1]
         elif case == 4:
@@ -310,11 +310,13 @@ def _same_order(df: pd.DataFrame) -> bool:
     )
 
 
-def _measured_recall(path) -> dict[int, float]:
-    """Fig. 8 recall per case from ``recall_table.csv`` of ``+exp=recall`` (INT8 rows), if given."""
-    if not path:
+def _measured_recall(paths) -> dict[int, float]:
+    """Fig. 8 recall per case from ``recall_table.csv`` of ``+exp=recall`` (INT8 rows), if given: one path
+    or a list (e.g. the default run and a KV-only run); the first table holding a mode gives it."""
+    if not paths:
         return {}
-    df = pd.read_csv(path)
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    df = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
     df = df[df["precision"] == "int8"]
     out = {}
     for case, mode in MEASURED_MODE.items():

@@ -64,7 +64,12 @@ def spec_from_cfg(cfg, system: Any, jobs: list[dict], collect_logits: bool = Fal
     if hardware.get("emulated"):
         device = "cpu"
     return {
-        "model": {"name": str(m.name), "path": str(directory), "dtype": str(m.get("dtype", "float32"))},
+        "model": {
+            "name": str(m.name),
+            "path": str(directory),
+            "dtype": str(m.get("dtype", "float32")),
+            "decode": OmegaConf.to_container(m.decode) if m.get("decode") else None,
+        },
         "hardware": hardware,
         "system": system,
         "device": device,

@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from transformers import DynamicCache
 
+from odmoe.decoding import next_token
 from odmoe.errors import OdmoeError
 from odmoe.models.adapter import MoEAdapter, eager_experts_forward
 
@@ -174,7 +175,7 @@ def reference_decode(
     output_len: int,
     on_step: Callable[[DynamicCache], None] | None = None,
 ) -> Trace:
-    """Greedy decode ``output_len`` tokens and record the routing of prefill and every decode iteration.
+    """Decode ``output_len`` tokens (``odmoe.decoding``'s rule) and record the routing of prefill and every decode iteration.
 
     ``on_step`` sees the KV cache after prefill and after every decode iteration (SEP keeps the KV)."""
     prompt = np.asarray(list(prompt), dtype=np.int64)
@@ -189,7 +190,7 @@ def reference_decode(
         if on_step is not None:
             on_step(cache)
         for _ in range(output_len):
-            token = int(logits.argmax())
+            token = next_token(model, [*prompt.tolist(), *tokens], logits)
             tokens.append(token)
             logits = forward_step(model, torch.tensor([[token]], device=device), cache)
             e, w = recorder.pop()

@@ -20,10 +20,12 @@ from transformers import DynamicCache
 
 from odmoe.errors import OdmoeError
 from odmoe.launch import ClusterFailed, spawn_local
+from odmoe.models import load_model
 from odmoe.paths import repo_root
-from odmoe.trace import forward_step
+from odmoe.trace import forward_step, reference_decode
 
 OUT = 10  # output tokens per request
+DECODE_OUT = 24  # long enough for plain greedy to repeat a 2-gram on the micro model
 
 
 def spec_for(lm, jobs, **system) -> dict:
@@ -120,6 +122,21 @@ def test_wrong_predictor_changes_time_not_output(micro_mixtral, tmp_path):
     predicted = (OUT - 1) * lm - r["unpredicted_layers"]
     assert predicted > 0 and r["mispredicted_experts"] == predicted * k  # every prediction misses
     assert r["stalled_layers"] >= predicted and r["stall_s"] > 0
+
+
+def test_runtime_nodes_follow_the_rule(micro_mixtral, tmp_path):
+    """Main and shadow nodes both apply the rule: output equals the reference with the rule, and an
+    exact shadow without alignment never mispredicts (it would, were its own tokens plain greedy)."""
+    lm = load_model("micro-mixtral", device="cpu", decode={"no_repeat_ngram_size": 2})
+    prompt = prompts(1)[0]
+    expected = reference_decode(lm.model, lm.adapter, "p", prompt, DECODE_OUT).tokens.tolist()
+    assert expected != cached_decode(micro_mixtral, prompt, DECODE_OUT)[0]  # the rule matters here
+    jobs = [{"id": "none", "prompt": prompt, "output_len": DECODE_OUT, "shadow": {"alignment": "none"}}]
+    spec = spec_for(micro_mixtral, jobs)
+    spec["model"]["decode"] = {"no_repeat_ngram_size": 2}
+    (result,) = spawn_local(spec, tmp_path)
+    assert result["tokens"] == expected
+    assert result["mispredicted_experts"] == 0
 
 
 def test_top4_shared_expert_model_quantized_shadow(micro_qwen2moe, tmp_path):
@@ -250,3 +267,12 @@ def test_e2e_experiment_runs_every_system(micro_mixtral_dir, tmp_path):
     for name in ("ttft_ms", "decode_tps", "output_tps", "peak_device_mb", "agreement"):
         assert (run / f"table2_{name}.png").exists()
     assert (run / "stalls.png").exists() and (run / "memory.png").exists()
+    # every single-device executor left its per-layer record, so the simulator replays every system
+    sim = [sys.executable, "-m", "experiments.run", "+exp=sim_measured", f"exp.e2e_run={run}", f"results_dir={tmp_path}", "run=s"]  # fmt: skip
+    out = subprocess.run(sim, cwd=repo_root(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads((tmp_path / "sim_measured" / "s" / "summary.json").read_text())
+    assert s["systems_not_simulated"] == ""
+    engine = {"cpu_only", "mixtral_offloading", "moe_infinity", "hobbit", "adapmoe"}
+    assert set(s["systems"].split(",")) == {"odmoe", "cached_engine", "cached_runtime"} | engine
+    assert all(np.isfinite(s[f"{name}_max_abs_err_pct"]) for name in engine)

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from odmoe.errors import OdmoeError
 from odmoe.hardware import load_profile
 from odmoe.paths import repo_root
+from odmoe.record import EngineRecord, save_records
 from odmoe.results import Run
 from odmoe.sim import recall as rc
 from odmoe.sim.costs import ModelCosts
@@ -97,7 +98,8 @@ def synthetic_e2e_run(path, iterations: int = 12, speed_factor: float = 1.0):
     """A +exp=e2e run directory of tiny-mixtral on cpu-emulated with known per-layer times: t_main 2 ms, expert
     compute 0.4 ms, hidden-vector hop 1 ms, worker step 3 ms; layer 0 of every iteration is loaded after routing
     (stall = an 8 ms copy), every other layer from a right prediction; an LM-head tail of 1.5 ms. The measured
-    decode is what those times add up to, divided by ``speed_factor`` in decode tok/s."""
+    decode is what those times add up to, divided by ``speed_factor`` in decode tok/s. The fully cached
+    model's record and speed agree exactly."""
     path.mkdir(parents=True)
     config = {
         "exp": {"name": "e2e", "hardware": "cpu-emulated", "overrides": {}, "systems": ["cached", "odmoe"]},
@@ -150,10 +152,28 @@ def synthetic_e2e_run(path, iterations: int = 12, speed_factor: float = 1.0):
     out_len = iterations + 1
     bound = float((layers.t_main + layers.t_worker - layers.stall).sum()) + 0.0015 * iterations
     decode = bound + float(layers.stall.sum())
-    shape = load_shape("tiny-mixtral")
-    from odmoe.sim.offload import simulate_cached
-
-    c_ttft, c_dec = simulate_cached(shape, ModelCosts(shape, load_profile("cpu-emulated")), 16, out_len)
+    # the fully cached model's record (odmoe.record): 2 ms to each router, 0.8 ms of experts, 1.5 ms tail
+    record = EngineRecord()
+    for _ in range(out_len):
+        for layer in range(16):
+            record.layer(
+                layer=layer,
+                t_main=0.002,
+                t_plan=0.0,
+                t_demand=0.0,
+                t_prefetch=0.0,
+                t_experts=0.0008,
+                computed=2,
+                demand=[],
+                prefetch=[],
+                deferred=[],
+                deferred_after=[],
+                waits=[],
+            )
+        record.end_step(0.0015, 0.0)
+    save_records([("p0", record)], path / "records" / "runtime" / f"cached-16x{out_len}")
+    c_ttft = c_dec = 16 * 0.0028 + 0.0015
+    c_dec *= iterations
     pd.DataFrame(
         [
             {

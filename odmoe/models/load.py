@@ -7,12 +7,14 @@ refused rather than unpickled.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from odmoe.decoding import set_decode_rule
 from odmoe.errors import OdmoeError
 from odmoe.models.adapter import SUPPORTED_MODEL_TYPES, MoEAdapter
 from odmoe.models.tiny import EMBEDDED, ensure_embedded
@@ -77,9 +79,15 @@ def resolve_path(path: str) -> Path:
 
 
 def load_model(
-    name: str, path: str | None = None, dtype: str = "float32", device: str = "cpu"
+    name: str,
+    path: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    decode: Mapping | None = None,
 ) -> LoadedModel:
-    """Load model ``path`` (or embedded model ``name`` when ``path`` is None) with its adapter."""
+    """Load model ``path`` (or embedded model ``name`` when ``path`` is None) with its adapter.
+
+    ``decode`` holds the decoding constraints (``odmoe.decoding``); None means plain greedy."""
     if path is None:
         if name not in EMBEDDED:
             raise OdmoeError(
@@ -108,6 +116,7 @@ def load_model(
         directory, dtype=DTYPES[dtype], use_safetensors=True, local_files_only=True
     ).to(pick_device(device))
     model.eval()
+    set_decode_rule(model, decode)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     return LoadedModel(name, directory, model, tokenizer, MoEAdapter(model))
 
@@ -115,4 +124,6 @@ def load_model(
 def load_from_cfg(cfg) -> LoadedModel:
     """Load the model a Hydra config names (``cfg.model``, ``cfg.device``)."""
     m = cfg.model
-    return load_model(m.name, m.get("path"), m.get("dtype", "float32"), cfg.get("device", "auto"))
+    return load_model(
+        m.name, m.get("path"), m.get("dtype", "float32"), cfg.get("device", "auto"), m.get("decode")
+    )

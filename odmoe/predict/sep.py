@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from odmoe.decoding import next_token
 from odmoe.errors import OdmoeError
 from odmoe.models.adapter import MoEAdapter
 from odmoe.predict.shadow import Shadow
@@ -185,7 +186,8 @@ def emulate(shadow: Shadow, record: ReferenceRecord, alignment: Alignment) -> Em
             count = min(layer.keys.shape[-2], keys.shape[-2])
             layer.keys[0, :, -count:] = keys[:, -count:].to(layer.keys.dtype)
             layer.values[0, :, -count:] = values[:, -count:].to(layer.values.dtype)
-    own = int(logits.argmax())
+    prompt = trace.prompt.tolist()
+    own = next_token(model, prompt, logits)
     experts, inputs, own_tokens = [], [], []
     token_flags = np.zeros(out_len, dtype=bool)
     kv_flags = np.zeros(out_len, dtype=bool)
@@ -204,7 +206,7 @@ def emulate(shadow: Shadow, record: ReferenceRecord, alignment: Alignment) -> Em
         logits = forward_step(model, torch.tensor([[token]], device=device), cache)
         experts.append(shadow.pop_routing()[0])
         inputs.append(token)
-        own = int(logits.argmax())
+        own = next_token(model, prompt + inputs, logits)
         own_tokens.append(own)
     return Emulation(
         np.stack(experts),

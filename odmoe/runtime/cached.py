@@ -14,18 +14,64 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from odmoe.decoding import next_token
 from odmoe.device import Ledger
 from odmoe.metrics import request_speed
+from odmoe.models.adapter import MoEAdapter, eager_experts_forward
 from odmoe.models.load import LoadedModel
+from odmoe.record import EngineRecord
 from odmoe.runtime import memory
 from odmoe.trace import check_length, forward_step
+
+
+class LayerTimer:
+    """Times each MoE layer of the model's own eager expert loop into an ``EngineRecord`` (wall clock):
+    two timer reads per layer, so the timed run is the untimed one."""
+
+    def __init__(self, adapter: MoEAdapter):
+        self.record = EngineRecord()
+        self.mark = 0.0
+        for layer in adapter.moe_layers:
+            adapter.set_experts_forward(layer, self._hook(layer))
+
+    def _hook(self, layer: int):
+        def forward(module, hidden, top_k_index, top_k_weights):
+            t0 = time.perf_counter()
+            out = eager_experts_forward(module, hidden, top_k_index, top_k_weights)
+            t1 = time.perf_counter()
+            self.record.layer(
+                layer=layer,
+                t_main=t0 - self.mark,
+                t_plan=0.0,
+                t_demand=0.0,
+                t_prefetch=0.0,
+                t_experts=t1 - t0,
+                computed=int(torch.unique(top_k_index).numel()),
+                demand=[],
+                prefetch=[],
+                deferred=[],
+                deferred_after=[],
+                waits=[],
+            )
+            self.mark = t1
+            return out
+
+        return forward
+
+    def begin_step(self) -> None:
+        self.mark = time.perf_counter()
+
+    def end_step(self) -> None:
+        """After the step's token is chosen: the tail is LM head, token choice and bookkeeping."""
+        self.record.end_step(time.perf_counter() - self.mark, 0.0)
 
 
 @torch.no_grad()
 def run_cached(
     lm: LoadedModel, jobs: list[dict], threads: int = 1, collect_logits: bool = False
 ) -> list[dict]:
-    """Decode every request ``{"id", "prompt", "output_len"}``; one result dict per request."""
+    """Decode every request ``{"id", "prompt", "output_len"}``; one result dict per request, with
+    ``record``: its per-layer compute times (``odmoe.record``)."""
     model, adapter = lm.model, lm.adapter
     adapter.clear_experts_forward()
     shape = memory.shape_from_config(model.config)
@@ -45,10 +91,13 @@ def run_cached(
             ledger.set("kv", 0)
             ledger.reset_peak()
             cache = DynamicCache(config=model.config)
+            timer = LayerTimer(adapter)
             t0 = time.perf_counter()
+            timer.begin_step()
             ledger.set("activations", _act(shape, P, P, elem))
             logits = forward_step(model, torch.tensor([prompt], device=dev), cache)
-            token = int(logits.argmax())
+            token = next_token(model, prompt, logits)
+            timer.end_step()
             t_first = time.perf_counter()
             ledger.set("kv", _kv(cache))
             ledger.set("activations", 0)
@@ -56,13 +105,15 @@ def run_cached(
             ledger.reset_peak()
             tokens, all_logits = [token], [logits.float().cpu().numpy()]
             for n in range(1, out_len):
+                timer.begin_step()
                 ledger.set("activations", _act(shape, 1, P + n, elem))
                 logits = forward_step(model, torch.tensor([[token]], device=dev), cache)
-                token = int(logits.argmax())
+                token = next_token(model, prompt + tokens, logits)
                 tokens.append(token)
                 if collect_logits:
                     all_logits.append(logits.float().cpu().numpy())
                 ledger.set("kv", _kv(cache))
+                timer.end_step()
             t_last = time.perf_counter()
             ledger.set("activations", 0)
             row = {
@@ -71,11 +122,13 @@ def run_cached(
                 **request_speed(P, tokens, t0, t_first, t_last),
                 "peak_total": int(ledger.peak),
                 "prefill_peak_total": int(prefill_peak),
+                "record": timer.record,
             }
             if collect_logits:
                 row["logits"] = np.stack(all_logits)
             out.append(row)
     finally:
+        adapter.clear_experts_forward()
         torch.set_num_threads(saved)
     return out
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from odmoe.decoding import next_token
 from odmoe.device import now
 from odmoe.errors import OdmoeError
 from odmoe.metrics import request_speed
@@ -62,7 +63,9 @@ class MainNode:
         self.layout: Layout = node.layout
         spec = node.spec
         m = spec["model"]
-        lm = load_model(m["name"], m.get("path"), m.get("dtype", "float32"), str(node.torch_device))
+        lm = load_model(
+            m["name"], m.get("path"), m.get("dtype", "float32"), str(node.torch_device), m.get("decode")
+        )
         self.model, self.adapter = lm.model, lm.adapter
         for layer in self.adapter.moe_layers:  # the main node never holds routed experts
             experts = self.adapter.experts(layer)
@@ -205,7 +208,7 @@ class MainNode:
             comm.send(r, Kind.START, 0, 0, [i, P, out_len], torch.tensor(prompt) if r == SHADOW else None)
         cache = DynamicCache(config=self.model.config)
         logits = forward_step(self.model, torch.tensor([prompt], device=dev), cache)
-        token = int(logits.argmax())
+        token = next_token(self.model, prompt, logits)
         t_first = now()
         all_logits = [logits.float().cpu().numpy()] if collect else None
         ledger.set("kv", _cache_bytes(cache))
@@ -222,7 +225,7 @@ class MainNode:
             req.n, req.phase, req.context = n, "decode", P + n
             req.prev = t_it = now()
             logits = forward_step(self.model, torch.tensor([[token]], device=dev), cache)
-            token = int(logits.argmax())
+            token = next_token(self.model, prompt + tokens, logits)
             tokens.append(token)
             if collect:
                 all_logits.append(logits.float().cpu().numpy())

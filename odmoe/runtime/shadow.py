@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from odmoe.decoding import next_token
 from odmoe.device import now
 from odmoe.errors import OdmoeError
 from odmoe.models.load import load_model
@@ -85,7 +86,9 @@ class ShadowNode:
         from odmoe.predict.shadow import build_shadow
 
         m = self.node.spec["model"]
-        lm = load_model(m["name"], m.get("path"), m.get("dtype", "float32"), str(self.node.torch_device))
+        lm = load_model(
+            m["name"], m.get("path"), m.get("dtype", "float32"), str(self.node.torch_device), m.get("decode")
+        )
         precision = "fp32" if self.kind == "inverted" else str(cfg.get("precision", "int8"))
         shadow = build_shadow(lm.model, lm.adapter, precision)
         self.model, self.adapter = shadow.model, shadow.adapter
@@ -173,6 +176,7 @@ class ShadowNode:
         """The shadow's own prefill, then decode iterations 1 .. output_len - 1; returns the prefill peak."""
         ledger = self.node.device.ledger
         self.P = P = len(prompt)
+        self.prompt = prompt
         self.cache = None
         self.used: dict[int, int] = {}  # iteration -> the token the shadow fed
         self.override: dict[int, int] = {}  # iteration -> the main node's token, when it came first
@@ -183,7 +187,7 @@ class ShadowNode:
             logits = forward_step(
                 self.model, torch.tensor([prompt], device=self.node.torch_device), self.cache
             )
-            own = int(logits.argmax())
+            own = next_token(self.model, prompt, logits)
             ledger.set("kv", _cache_bytes(self.cache))
             ledger.set("activations", 0)
         prefill_peak = self.node.device.peak_bytes()
@@ -204,7 +208,7 @@ class ShadowNode:
 
     def _iteration(self, n: int, token: int) -> int:
         """Run decode iteration n on ``token``, emitting predictions; rerun it if a speculative start
-        turns out to have used the wrong token. Returns the shadow's own argmax."""
+        turns out to have used the wrong token. Returns the shadow's own next token."""
         ledger = self.node.device.ledger
         while True:
             self.used[n] = token
@@ -223,7 +227,7 @@ class ShadowNode:
                 self.emitting = False
         ledger.set("kv", _cache_bytes(self.cache))
         ledger.set("activations", 0)
-        return int(logits.argmax())
+        return next_token(self.model, self.prompt + [self.used[m] for m in range(1, n + 1)], logits)
 
     def _consume(self, upto: int) -> None:
         """Take and apply DONE(m) for every m <= ``upto`` not yet taken (blocking)."""
