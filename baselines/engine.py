@@ -39,7 +39,7 @@ from odmoe.errors import OdmoeError
 from odmoe.hardware import HardwareProfile
 from odmoe.models.adapter import swiglu_expert
 from odmoe.models.load import LoadedModel
-from odmoe.record import EngineRecord
+from odmoe.record import ExecutorRecord
 from odmoe.trace import check_length, forward_step
 
 FORMATS = ("fp32", "nf4")
@@ -93,7 +93,7 @@ class GenResult:
     peak_device_bytes: int
     cuda_peak_bytes: int | None = None
     link_bytes: int = 0
-    record: EngineRecord | None = None
+    record: ExecutorRecord | None = None
 
     @property
     def decode_tps(self) -> float:
@@ -173,10 +173,9 @@ class OffloadEngine:
         self.tick = 0
         self.layer_now = self.layers[0]
         self.history: list[Key] = []  # demand accesses in order (tests)
-        self.record: EngineRecord | None = None  # set per request by generate(record=True)
+        self.record: ExecutorRecord | None = None  # set per request by generate(record=True)
         self._mark = 0.0  # compute clock at the end of the last MoE layer (or the step's start)
         self._extra = 0.0  # the step's charged host_slowdown
-        self._transfer_kind = "demand"
         self._protected: set[Key] = set()  # keys the running layer still needs
         policy.engine = self
         self.reset_cache()
@@ -276,6 +275,10 @@ class OffloadEngine:
             return -1
         return self.record.transfer(nbytes, kind)
 
+    def _transfers(self) -> int:
+        """Link transfers recorded so far in this request (0 when not recording)."""
+        return len(self.record.transfers) if self.record is not None else 0
+
     def prefetch(self, keys: Iterable[Key], protected: Iterable[Key] = ()) -> None:
         """The prefetch queue: copy ``keys`` in order, behind whatever the link is already doing."""
         protected = set(protected) | self._protected
@@ -290,7 +293,7 @@ class OffloadEngine:
     def _layer(self, layer: int, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         self.layer_now = layer
         t_enter = self.clock.compute()
-        first_transfer = len(self.record.transfers) if self.record is not None else 0
+        first_transfer = self._transfers()
         plan, w = self.policy.plan(self, layer, hidden, idx, w)
         t_planned = self.clock.compute()
         keys = sorted(plan)
@@ -316,24 +319,23 @@ class OffloadEngine:
                 deferred.append(key)
             else:
                 pending.append(entry)
-        demand_end = len(self.record.transfers) if self.record is not None else 0
+        demand_end = self._transfers()
         t_demanded = self.clock.compute()
         self.policy.prefetch(self, layer, hidden, idx, w)
         t_issued = self.clock.compute()
-        prefetch_end = len(self.record.transfers) if self.record is not None else 0
+        prefetch_end = self._transfers()
         waits: list[int] = []  # per computed expert, in compute order: its transfer (-1: resident)
         deferred_after: list[int] = []  # per deferred transfer: experts computed before it was issued
         results: dict[tuple[int, str], torch.Tensor] = {}
         while pending or deferred:
             while deferred:
-                issued = len(self.record.transfers) if self.record is not None else 0
+                issued = self._transfers()
                 entry = self.load(deferred[0], self._protected)
                 if entry is None:
                     break
                 pending.append(entry)
                 deferred.pop(0)
-                if self.record is not None:  # its copy and any write-back before it
-                    deferred_after += [len(results)] * (len(self.record.transfers) - issued)
+                deferred_after += [len(results)] * (self._transfers() - issued)  # copy and write-back
             if not pending:
                 raise RuntimeError(f"layer {layer}: cannot make room for {deferred[0]}")
             entry = min(pending, key=lambda en: en.ready_at)
@@ -359,7 +361,6 @@ class OffloadEngine:
             out.index_add_(0, plan[key][0], results[key].to(out.dtype))
         if self.record is not None:
             now = self.clock.compute()
-            ids = [t["transfer"] for t in self.record.transfers]
             self.record.layer(
                 layer=layer,
                 t_main=t_enter - self._mark,
@@ -368,9 +369,9 @@ class OffloadEngine:
                 t_prefetch=t_issued - t_demanded,
                 t_experts=now - t_issued,
                 computed=len(keys),
-                demand=ids[first_transfer:demand_end],
-                prefetch=ids[demand_end:prefetch_end],
-                deferred=ids[prefetch_end:],
+                demand=list(range(first_transfer, demand_end)),
+                prefetch=list(range(demand_end, prefetch_end)),
+                deferred=list(range(prefetch_end, self._transfers())),
                 deferred_after=deferred_after,
                 waits=waits,
             )
@@ -436,7 +437,7 @@ class OffloadEngine:
         result carries what the engine did (``baselines.record``)."""
         check_length(self.model, len(prompt), output_len)
         self._begin(prompt)
-        self.record = EngineRecord() if record else None
+        self.record = ExecutorRecord() if record else None
         kv = DynamicCache(config=self.model.config)
         ids = torch.as_tensor(list(prompt), device=self.device)[None]
         logits = self._step(ids, kv, len(prompt))

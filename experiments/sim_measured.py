@@ -387,7 +387,12 @@ def _measured_rows(
     if not len(g):
         return None
     r = g.iloc[0]
-    return {"ttft_s": r.ttft_ms / 1e3, "decode_tok_s": r.decode_tps, "output_tok_s": r.output_tps}
+    return {
+        "ttft_s": r.ttft_ms / 1e3,
+        "decode_tok_s": r.decode_tps,
+        "output_tok_s": r.output_tps,
+        "stall_s": r.stall_s,  # per request, prefill included
+    }
 
 
 def replay_run(m: MeasuredRun) -> tuple[list[dict], list[str]]:
@@ -420,7 +425,9 @@ def replay_run(m: MeasuredRun) -> tuple[list[dict], list[str]]:
                     m.hardware.h2d_latency or 0.0,
                     _host_slowdown(m, system),
                 )
-                sims.append(_speeds(P, out_len, r.ttft, r.decode_time))
+                sims.append(
+                    {**_speeds(P, out_len, r.ttft, r.decode_time), "stall_s": r.stall + r.prefill_stall}
+                )
             name = f"{system}_{executor}" if system == "cached" else system
             seen.add(system if executor == "engine" else f"{system}_runtime")
             rows.append(
@@ -429,7 +436,7 @@ def replay_run(m: MeasuredRun) -> tuple[list[dict], list[str]]:
                     "workload": workload,
                     "prompt_id": "mean",
                     **{f"{k}_measured": float(v) for k, v in measured.items()},
-                    **{f"{k}_sim": float(np.mean([s[k] for s in sims])) for k in METRICS},
+                    **{f"{k}_sim": float(np.mean([s[k] for s in sims])) for k in (*METRICS, "stall_s")},
                 }
             )
     missing = []
@@ -514,6 +521,11 @@ def from_run(path: Path, run: Run, predictions: str = "trace") -> dict:
         out["odmoe_prefill_message_ms"] = float(1e3 * od.prefill_message_s.mean())
         out["odmoe_stall_s_measured"] = float(od.stall_s_measured.sum())
         out["odmoe_stall_s_sim"] = float(od.stall_s_sim.sum())
+    if "stall_s_measured" in detail:  # single-device systems: mean stall per request, summed over workloads
+        for system, g in detail[detail.system != "odmoe"].groupby("system", sort=False):
+            if g.stall_s_measured.notna().any():
+                out[f"{system}_stall_s_measured"] = float(g.stall_s_measured.sum())
+                out[f"{system}_stall_s_sim"] = float(g.stall_s_sim.sum())
     for (system, metric), g in table.groupby(["system", "metric"], sort=False):
         out[f"{system}_{metric}_max_abs_err_pct"] = float(g.err_pct.abs().max())
     for system, g in table.groupby("system", sort=False):

@@ -41,7 +41,7 @@ COLUMNS = {"steps": ("step", "t_tail", "extra"), "transfers": ("transfer", "byte
 
 
 @dataclass
-class EngineRecord:
+class ExecutorRecord:
     layers: list[dict] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)
     transfers: list[dict] = field(default_factory=list)
@@ -60,7 +60,7 @@ class EngineRecord:
         self.step += 1
 
 
-def save_records(records: list[tuple[str, EngineRecord]], path: Path) -> None:
+def save_records(records: list[tuple[str, ExecutorRecord]], path: Path) -> None:
     """One parquet per table (``<path>.layers/steps/transfers.parquet``), a ``request`` column naming each."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for table in ("layers", "steps", "transfers"):

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from odmoe.errors import OdmoeError
 from odmoe.hardware import load_profile
 from odmoe.paths import repo_root
-from odmoe.record import EngineRecord, save_records
+from odmoe.record import ExecutorRecord, save_records
 from odmoe.results import Run
 from odmoe.sim import recall as rc
 from odmoe.sim.costs import ModelCosts
@@ -153,7 +153,7 @@ def synthetic_e2e_run(path, iterations: int = 12, speed_factor: float = 1.0):
     bound = float((layers.t_main + layers.t_worker - layers.stall).sum()) + 0.0015 * iterations
     decode = bound + float(layers.stall.sum())
     # the fully cached model's record (odmoe.record): 2 ms to each router, 0.8 ms of experts, 1.5 ms tail
-    record = EngineRecord()
+    record = ExecutorRecord()
     for _ in range(out_len):
         for layer in range(16):
             record.layer(
@@ -305,3 +305,17 @@ def test_runner_composes_the_testbed_for_sim(tmp_path):
         assert cfg.hardware.name == "rtx3090-testbed"
         cfg = compose(config_name="config", overrides=["+exp=sim", "hardware=rtx3080-workers"])
         assert cfg.hardware.worker.name == "RTX 3080" and cfg.hardware.num_workers == 8
+
+
+def test_fig8_reads_measured_recall_from_one_or_several_tables(tmp_path):
+    from experiments.sim_paper import _measured_recall
+
+    cols = ["precision", "alignment", "recall"]
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    pd.DataFrame(
+        [["int8", "token_kv", 0.99], ["int8", "none", 0.4], ["nf4", "kv", 0.1]], columns=cols
+    ).to_csv(a)
+    pd.DataFrame([["int8", "kv", 0.6]], columns=cols).to_csv(b)
+    assert _measured_recall(str(a)) == {1: 0.99, 4: 0.4}  # nf4 rows ignored: Fig. 8 is the int8 shadow
+    assert _measured_recall([str(a), str(b)]) == {1: 0.99, 3: 0.6, 4: 0.4}
+    assert _measured_recall(None) == {}
