@@ -373,7 +373,7 @@ def _host_slowdown(m: MeasuredRun, system: str) -> float:
     return float(slowdown)
 
 
-def _measured_rows(
+def _measured_means(
     m: MeasuredRun, executor: str, system: str, P: int, out_len: int
 ) -> dict[str, float] | None:
     """The measured means over prompts the replay is compared with (never an input)."""
@@ -405,7 +405,7 @@ def replay_run(m: MeasuredRun) -> tuple[list[dict], list[str]]:
             stem = layers_file.name.removesuffix(".layers.parquet")
             system, workload = stem.rsplit("-", 1)
             P, out_len = (int(x) for x in workload.split("x"))
-            measured = _measured_rows(m, executor, system, P, out_len)
+            measured = _measured_means(m, executor, system, P, out_len)
             if measured is None:
                 continue
             rec = load_records(layers_file.with_name(stem))
@@ -413,8 +413,7 @@ def replay_run(m: MeasuredRun) -> tuple[list[dict], list[str]]:
             sims = []
             for request, lay in rec["layers"].groupby("request", sort=False):
                 steps = rec["steps"][rec["steps"].request == request]
-                transfers = rec["transfers"]
-                transfers = transfers[transfers.request == request] if len(transfers) else transfers
+                transfers = rec["transfers"][rec["transfers"].request == request]
                 costs = {"prefill": prefill, "decode": mean_costs(lay, steps, "decode")}
                 r = replay(
                     lay,
@@ -429,7 +428,8 @@ def replay_run(m: MeasuredRun) -> tuple[list[dict], list[str]]:
                     {**_speeds(P, out_len, r.ttft, r.decode_time), "stall_s": r.stall + r.prefill_stall}
                 )
             name = f"{system}_{executor}" if system == "cached" else system
-            seen.add(system if executor == "engine" else f"{system}_runtime")
+            if executor == "engine":
+                seen.add(system)
             rows.append(
                 {
                     "system": name,
