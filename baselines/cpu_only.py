@@ -1,18 +1,19 @@
-"""CPU-only, llama.cpp-style: every expert computed from host memory on the CPU, no device at all
+"""CPU-only, llama.cpp-style: every weight in host DRAM, every layer computed on the host CPU, no device
 (re-implementation of OD-MoE's llama.cpp baseline, BASELINES.md §2.7, as a PyTorch CPU executor, fp32).
 
-On a CUDA machine the model runs on the CPU for real. On the emulated CPU device the "device" *is* the
-CPU, so CPU-only would time exactly like fully cached; ``host_slowdown`` (default 4.57 = RTX 3090's
-936.2 GB/s over the EPYC 7K62's 204.8 GB/s peak DRAM bandwidth, the paper's two machines; batch-1
-decode is memory-bound) scales the measured compute so the emulated host is slower than the emulated
-device by the paper's hardware ratio. Device memory is 0.
+Its time is the host's: under ``timing=measured`` the real CPU time of computing the whole model on this
+CPU (unscaled: the host *is* this CPU, while emulated devices take the profile's ``compute_scale``); under
+``timing=modelled`` the cost model priced on the profile's ``host`` device (its DRAM bandwidth and FLOP/s,
+e.g. the paper's EPYC 7K62 baseline server); under ``timing=wall`` on a GPU machine the model really runs on
+the CPU. There is no fixed slowdown factor. Device memory is 0.
+
+Deviation from the original: llama.cpp's hand-written CPU kernels (ggml, GGUF weights, its own threading)
+are not reproduced; PyTorch's CPU kernels compute the same fp32 model.
 """
 
 from __future__ import annotations
 
 from baselines.engine import Policy
-
-DEFAULT_HOST_SLOWDOWN = 936.2 / 204.8
 
 
 class CpuOnly(Policy):
@@ -20,12 +21,6 @@ class CpuOnly(Policy):
     offload = False
     on_device = False
 
-    def __init__(self, host_slowdown: float = 1.0):
-        self.host_slowdown = float(host_slowdown)
-
 
 def build(cfg: dict, lm, hardware) -> CpuOnly:
-    slowdown = cfg.get("host_slowdown")
-    if slowdown is None:
-        slowdown = DEFAULT_HOST_SLOWDOWN if next(lm.model.parameters()).device.type != "cuda" else 1.0
-    return CpuOnly(slowdown)
+    return CpuOnly()

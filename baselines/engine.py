@@ -15,15 +15,18 @@ The HF model runs unchanged; each MoE layer's routed-expert computation is repla
    eager loop's order (ascending expert, tokens ordered by top-k slot then position), so a lossless
    plan reproduces the reference bit for bit whatever the cache size or prefetching.
 
-Loads go over :mod:`baselines.timing`'s link (emulated on CPU, real side-stream copies on CUDA).
-Device memory is the ledger: non-expert weights + resident expert bytes (in-flight loads included) +
-the KV cache; on CUDA ``torch.cuda.max_memory_allocated`` is reported beside it.
+Time is the engine's :class:`odmoe.clock.Clock` (``timing``): ``measured`` (this thread's CPU time times
+the profile's ``compute_scale``) or ``modelled`` (the cost model's attention, expert and head steps at
+``timing.shape``) on an emulated profile, ``wall`` on a GPU. Loads go over :mod:`baselines.timing`'s link
+(the profile's link in virtual time, or real side-stream copies on CUDA); waiting for one is a stall.
+Device memory is the ledger (``odmoe.device.Ledger``, capacity enforced): non-expert weights + resident
+expert bytes (in-flight loads included) + the KV cache; on CUDA ``torch.cuda.max_memory_allocated`` is
+reported beside it.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -33,8 +36,11 @@ from transformers import DynamicCache
 
 from baselines.cache import Entry, EvictionContext, ExpertCache, Key
 from baselines.lowbit import nf4_roundtrip
-from baselines.timing import Clock, Ledger, make_link
+from baselines.timing import make_link
+from odmoe.clock import Clock, Timing
+from odmoe.costs import Formats, Pricer, run_costs
 from odmoe.decoding import next_token
+from odmoe.device import Ledger
 from odmoe.errors import OdmoeError
 from odmoe.hardware import HardwareProfile
 from odmoe.models.adapter import swiglu_expert
@@ -85,8 +91,8 @@ class Stats:
 @dataclass
 class GenResult:
     tokens: list[int]
-    ttft: float  # s, emulated on CPU
-    decode_time: float  # s, emulated on CPU
+    ttft: float  # s on the engine's clock
+    decode_time: float  # s on the engine's clock
     stall: float
     prefill_stall: float
     stats: Stats
@@ -113,8 +119,8 @@ class Policy:
     low_fmt: str | None = None  # a second, low-precision format (HOBBIT)
     writeback = False  # copy evicted experts back over the link (Mixtral-Offloading's public code)
     offload = True  # False: every expert resident before the run (fully cached)
-    on_device = True  # False: no device at all (CPU-only)
-    host_slowdown = 1.0  # CPU-only on an emulated device: host compute time multiplier
+    on_device = True  # False: no device at all (CPU-only): compute is the host's
+    devices = 1  # devices whose memory the system pools (the paper's Transformers uses 8 GPUs)
 
     @property
     def lossy(self) -> bool:
@@ -152,36 +158,67 @@ class Policy:
 class OffloadEngine:
     """A single-device MoE decoder serving routed experts from a cache (see module docstring)."""
 
-    def __init__(self, lm: LoadedModel, policy: Policy, hardware: HardwareProfile):
+    def __init__(
+        self, lm: LoadedModel, policy: Policy, hardware: HardwareProfile, timing: Timing | None = None
+    ):
         self.lm = lm
         self.model = lm.model
         self.adapter = lm.adapter
         self.policy = policy
-        self.hardware = hardware
         self.device = next(self.model.parameters()).device
+        self.timing = timing or Timing("wall" if self.device.type == "cuda" else "measured")
+        if not policy.on_device:  # CPU-only: the host computes, at its own speed
+            self.timing = Timing(self.timing.mode, self.timing.shape, 1.0)
+            if self.timing.mode == "modelled":
+                hardware.need("host.mem_bandwidth", "host.flops")
+                hardware = hardware.with_(main=hardware.host)
+        self.hardware = hardware
+        self.emulated = self.timing.virtual
         self.layers = list(self.adapter.moe_layers)
         self.num_layers = self.adapter.num_layers
         self.act = self.adapter.experts(self.layers[0]).act_fn
-        self.link = make_link(hardware, self.device) if policy.offload and policy.on_device else None
-        self.emulated = self.device.type != "cuda"
+        self.clock = self._new_clock()
+        offloads = policy.offload and policy.on_device
+        if offloads and self.device.type != "cuda" and not self.emulated:
+            raise OdmoeError(
+                f"{policy.name} offloads experts, which on a CPU needs an emulated profile and a virtual clock "
+                "(timing=measured or modelled, e.g. hardware=cpu-emulated); timing=wall needs a GPU"
+            )
+        self.link = make_link(hardware, self.device, self.clock) if offloads else None
         self.fmt_bytes = {f: self.adapter.expert_bytes(f) for f in FORMATS}
         self.host = self._host_store({policy.fmt, policy.low_fmt} - {None})
-        self.timer = time.perf_counter if self.device.type == "cuda" else time.process_time
-        self.clock = Clock(self.timer)
+        costs = run_costs(self.timing, hardware, self.model.config, Formats(main="fp32"))
+        self.pricer = None if costs is None else Pricer(costs, self.num_layers, "main")
+        # modelled at another shape: bytes scale with the priced shape's expert size
+        self.byte_scale = 1.0 if costs is None else costs.shape.expert_params / self.adapter.expert_params
         self.stats = Stats()
-        self.ledger = Ledger()
+        self.ledger = self._new_ledger()
         self.tick = 0
         self.layer_now = self.layers[0]
         self.history: list[Key] = []  # demand accesses in order (tests)
         self.record: ExecutorRecord | None = None  # set per request by generate(record=True)
         self._mark = 0.0  # compute clock at the end of the last MoE layer (or the step's start)
-        self._extra = 0.0  # the step's charged host_slowdown
         self._protected: set[Key] = set()  # keys the running layer still needs
         policy.engine = self
         self.reset_cache()
         self._install()
 
     # ---- setup -----------------------------------------------------------------------------
+    def _new_clock(self) -> Clock:
+        return Clock(self.timing.mode, self.timing.scale)
+
+    def _new_ledger(self) -> Ledger:
+        memory = self.hardware.main.memory if self.policy.on_device else None
+        capacity = memory * self.policy.devices if memory else None
+        ledger = Ledger(capacity, owner=f"{self.policy.name} device")
+        if self.policy.on_device:
+            ledger.set("weights/non_expert", self.adapter.parameter_bytes()["non_experts"])
+        return ledger
+
+    def compute_time(self) -> float:
+        """Time on the clock spent computing (stalls excluded): the per-layer record's times."""
+        return self.clock.now() - self.clock.stall
+
     def _host_store(self, formats: Iterable[str]) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
         """Host copies of every expert in each format the policy uses (low-bit ones made once)."""
         store = {}
@@ -251,10 +288,10 @@ class OffloadEngine:
             return None
         for victim in evicted:
             if self.policy.writeback:  # device->host copy on the same link, before the new load
-                self.link.transfer(victim.nbytes, self.clock.now())
+                self.link.transfer(victim.nbytes * self.byte_scale, self.clock.now())
                 self._note_transfer(victim.nbytes, "writeback")
                 self.stats.writebacks += 1
-        weights, handle = self.link.copy(self.host[key], nbytes, self.clock)
+        weights, handle = self.link.copy(self.host[key], nbytes * self.byte_scale, self.clock)
         entry = Entry(
             key, nbytes, weights, handle, inserted=self.tick, last_use=self.tick, prefetched=prefetch
         )
@@ -262,8 +299,7 @@ class OffloadEngine:
         if self.emulated:
             entry.ready_at = handle
         self.cache.insert(entry)
-        self.ledger.experts = self.cache.resident_bytes
-        self.ledger.update()
+        self.ledger.set("experts", self.cache.resident_bytes)
         if prefetch:
             self.stats.prefetches += 1
         else:
@@ -292,10 +328,12 @@ class OffloadEngine:
     @torch.no_grad()
     def _layer(self, layer: int, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         self.layer_now = layer
-        t_enter = self.clock.compute()
+        if self.pricer is not None:
+            self.clock.charge(self.pricer.upto(layer))
+        t_enter = self.compute_time()
         first_transfer = self._transfers()
         plan, w = self.policy.plan(self, layer, hidden, idx, w)
-        t_planned = self.clock.compute()
+        t_planned = self.compute_time()
         keys = sorted(plan)
         self.stats.slots += idx.numel()
         self.stats.skipped += idx.numel() - sum(len(t) for t, _ in plan.values())
@@ -320,9 +358,9 @@ class OffloadEngine:
             else:
                 pending.append(entry)
         demand_end = self._transfers()
-        t_demanded = self.clock.compute()
+        t_demanded = self.compute_time()
         self.policy.prefetch(self, layer, hidden, idx, w)
-        t_issued = self.clock.compute()
+        t_issued = self.compute_time()
         prefetch_end = self._transfers()
         waits: list[int] = []  # per computed expert, in compute order: its transfer (-1: resident)
         deferred_after: list[int] = []  # per deferred transfer: experts computed before it was issued
@@ -347,6 +385,9 @@ class OffloadEngine:
             token_idx, pos = plan[(e, fmt)]
             gate_up, down = entry.weights
             y = swiglu_expert(hidden[token_idx], gate_up, down, self.act)
+            if self.pricer is not None:
+                nbytes = entry.nbytes * self.byte_scale
+                self.clock.charge(self.pricer.expert(len(token_idx), not results, nbytes, on="device"))
             results[(e, fmt)] = y * w[token_idx, pos, None]
             self.tick += 1
             entry.last_use = self.tick
@@ -360,7 +401,7 @@ class OffloadEngine:
         for key in keys:
             out.index_add_(0, plan[key][0], results[key].to(out.dtype))
         if self.record is not None:
-            now = self.clock.compute()
+            now = self.compute_time()
             self.record.layer(
                 layer=layer,
                 t_main=t_enter - self._mark,
@@ -387,49 +428,41 @@ class OffloadEngine:
         return 2 * self.num_layers * kv_heads * head_dim * seq_len * elt
 
     def _step(self, ids: torch.Tensor, cache: DynamicCache, seq_len: int) -> torch.Tensor:
-        t = self.timer()
-        self._mark = self.clock.compute()
+        self._mark = self.compute_time()
+        if self.pricer is not None:
+            self.pricer.begin(ids.shape[1], seq_len - ids.shape[1])
         logits = forward_step(self.model, ids, cache)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        extra = 0.0
-        if self.policy.host_slowdown != 1.0:
-            extra = (self.policy.host_slowdown - 1.0) * (self.timer() - t)
-            self.clock.add(extra)
-        self._extra = extra
+        if self.pricer is not None:
+            self.clock.charge(self.pricer.finish())
         if self.policy.on_device:
-            self.ledger.kv = self._kv_bytes(seq_len)
-            self.ledger.update()
+            self.ledger.set("kv", self._kv_bytes(seq_len))
         return logits
 
     def _end_step(self) -> None:
         """Close the step's record after its token is chosen (the tail: LM head, token choice)."""
         if self.record is not None:
-            self.record.end_step(self.clock.compute() - self._mark, self._extra)
+            self.record.end_step(self.compute_time() - self._mark, 0.0)
 
     def _begin(self, prompt: Sequence[int]) -> None:
         self.stats = Stats()
-        self.ledger = Ledger(fixed=self._fixed_bytes())
-        self.ledger.experts = self.cache.resident_bytes if self.policy.on_device else 0
-        self.ledger.update()
+        self.ledger = self._new_ledger()
+        if self.policy.on_device:
+            self.ledger.set("experts", self.cache.resident_bytes)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.link is not None:
             self.link.bytes_moved = 0
         self.policy.begin_request(self, prompt)
-        self.clock = Clock(self.timer)  # a new request starts at t = 0: earlier copies have all finished
+        self.clock = self._new_clock()  # a new request starts at t = 0: earlier copies have all finished
         if self.link is not None:
             self.link.reset()
         for entry in self.cache.entries.values():
             entry.ready_at = 0.0
             entry.transfer = -1
-            if self.emulated:  # the emulated handle is the deadline on the previous request's clock
+            if self.emulated:  # the emulated handle is the completion time on the previous request's clock
                 entry.handle = 0.0
-
-    def _fixed_bytes(self) -> int:
-        if not self.policy.on_device:
-            return 0
-        return self.adapter.parameter_bytes()["non_experts"]
 
     @torch.no_grad()
     def generate(self, prompt: Sequence[int], output_len: int, record: bool = False) -> GenResult:

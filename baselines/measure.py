@@ -12,6 +12,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from baselines.engine import OffloadEngine
+from odmoe.clock import Timing
 from odmoe.errors import OdmoeError
 from odmoe.hardware import HardwareProfile
 from odmoe.models.load import LoadedModel
@@ -43,14 +44,19 @@ def system_config(name: str, overrides: Mapping[str, Any] | None = None) -> dict
 
 
 def build_engine(
-    name: str, cfg: Mapping[str, Any], lm: LoadedModel, hardware: HardwareProfile
+    name: str,
+    cfg: Mapping[str, Any],
+    lm: LoadedModel,
+    hardware: HardwareProfile,
+    timing: Timing | None = None,
 ) -> OffloadEngine:
-    """The engine of system ``name`` installed on ``lm`` (call ``engine.uninstall()`` when done)."""
+    """The engine of system ``name`` installed on ``lm`` (call ``engine.uninstall()`` when done), timed on
+    ``timing`` (default: measured on CPU, wall on CUDA)."""
     if name not in SYSTEMS:
         raise OdmoeError(f"unknown baseline system {name!r}; choose from {', '.join(SYSTEMS)}")
     lm.adapter.clear_experts_forward()
     policy = importlib.import_module(f"baselines.{name}").build(dict(cfg), lm, hardware)
-    return OffloadEngine(lm, policy, hardware)
+    return OffloadEngine(lm, policy, hardware, timing)
 
 
 def reference_tokens(
@@ -83,11 +89,12 @@ def run_system(
     references: Mapping[tuple[tuple[int, ...], int], Sequence[int]],
     ppl_ids: Sequence[int] | None = None,
     record_dir: Path | None = None,
+    timing: Timing | None = None,
 ) -> list[dict[str, Any]]:
     """Measure system ``name`` on every workload (cold cache at each workload's start); one row each.
     With ``record_dir``, what the engine did in each request is saved there (``baselines.record``) as
     ``<name>-<prompt_len>x<output_len>.*.parquet``."""
-    engine = build_engine(name, cfg, lm, hardware)
+    engine = build_engine(name, cfg, lm, hardware, timing)
     try:
         ppl = engine.perplexity(list(ppl_ids)) if ppl_ids is not None else float("nan")
         rows = []
@@ -136,6 +143,7 @@ def run_system(
                     "lossy": engine.policy.lossy,
                     "expert_format": engine.policy.fmt,
                     "timing_emulated": engine.emulated,
+                    "clock": engine.timing.mode,
                 }
             )
         return rows

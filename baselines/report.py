@@ -2,9 +2,9 @@
 
 A measured row is one (system, executor, workload). The executor is ``engine`` (the single-process
 offload engine of ``baselines/``) or ``runtime`` (OD-MoE's multi-process runtime and its fully cached
-reference, ``odmoe/runtime/cached.py``). The two time on different clocks (:data:`CLOCKS`), so the
-fully cached model runs on each executor a run needs and every other system is compared with the one
-on its own clock. Columns are keyed by :func:`label`: the system's name, suffixed with the executor
+reference, ``odmoe/runtime/cached.py``). Every executor times on the run's one clock (:data:`CLOCKS`); the
+fully cached model runs on each executor a run needs (a consistency check: the two should agree) and
+every other system is compared with the one on its own executor. Columns are keyed by :func:`label`: the system's name, suffixed with the executor
 when it is not the system's own (``cached_runtime``).
 """
 
@@ -24,14 +24,15 @@ PAPER_NAMES = {
     "odmoe": "OD-MoE",
 }
 HOME = {"odmoe": "runtime"}  # a system's own executor; every other one's is the offload engine
-# what each `clock` value of table2.csv means
+# what each `clock` value of table2.csv means (odmoe/clock.py)
 CLOCKS = {
-    "cpu-time+virtual": "one process; compute timed as this process's CPU time with one torch thread (other "
-    "jobs on shared cores do not inflate it); host->device loads over the profile's emulated link are "
-    "charged to a virtual clock (stalls added, not slept)",
-    "wall": "real elapsed time of one process (no link or network involved, or real CUDA copies)",
-    "wall+sleeps": "real elapsed time of a multi-process run (2 + W processes talking over torch.distributed); "
-    "the emulated link and LAN delays are real sleeps, so other jobs on shared cores slow it down",
+    "measured": "every executor (each rank of the OD-MoE runtime, the offload engine, the fully cached model) "
+    "keeps a virtual clock: compute is the executing thread's CPU time times the profile's compute_scale, "
+    "host->device copies and messages queue on the profile's links in virtual time, waits are V = max(V, t); "
+    "nothing sleeps, so other jobs on the host do not enter",
+    "modelled": "the same virtual clocks, with compute priced by the cost model (odmoe/costs.py) on the "
+    "profile's devices at the model shape timing.shape; deterministic, the same on any host",
+    "wall": "real elapsed time on real hardware (real CUDA copies and waits)",
 }
 _SYS = ["mixtral_offloading", "moe_infinity", "hobbit", "adapmoe", "cached", "cpu_only", "odmoe"]
 _TTFT = [
@@ -141,8 +142,8 @@ def markdown(measured: pd.DataFrame, note: str = "") -> str:
     lines += [f"- `{c}`: {CLOCKS[c]}." for c in dict.fromkeys(df["clock"])]
     lines += [
         "",
-        "Absolute times on different clocks are not comparable; compare each system with the fully "
-        "cached model on its own clock (the share table below).",
+        "Every row is timed on the clock above; each system is also given as a share of the fully cached "
+        "model on its own executor (the share table below).",
         "",
     ]
     for title, col, pcol, d in (

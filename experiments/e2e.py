@@ -4,16 +4,20 @@ hardware profile, in one invocation::
     python -m experiments.run +exp=e2e hardware=cpu-emulated                       # every system
     python -m experiments.run +exp=e2e hardware=cpu-emulated 'exp.systems=[cached,odmoe]'   # OD-MoE only
 
-Systems run on one of two *executors*, which time on different clocks (``baselines.report.CLOCKS``):
+Systems run on one of two *executors*, both on the run's one clock (``timing``: ``measured`` or
+``modelled`` on an emulated profile, ``wall`` on a GPU; ``odmoe/clock.py``, ``baselines.report.CLOCKS``):
 
-* ``runtime``: OD-MoE on a local cluster of 2 + W processes (``odmoe.launch.spawn_local``): real wall
-  time, the emulated link and LAN as real sleeps; and the fully cached model in this process
+* ``runtime``: OD-MoE on a local cluster of 2 + W processes (``odmoe.launch.spawn_local``), every rank on
+  its own virtual clock, messages carrying virtual times; and the fully cached model in this process
   (``odmoe/runtime/cached.py``), on the same clock and ledger.
 * ``engine``: the fully cached model and every offloading baseline on the single-process offload engine
-  of ``baselines/``: compute timed as process CPU time, emulated loads charged to a virtual clock.
+  of ``baselines/``.
 
-The fully cached model runs on each executor the listed systems use, so every system is compared
-with it on its own clock. ``system=NAME`` (default ``odmoe``) is the system under test: its headline
+The fully cached model runs on each executor the listed systems use, so every system is also compared
+with it on its own executor. With ``timing=modelled timing.shape=S`` and ``S`` deeper than the executed
+model, each executed layer is priced as one layer of ``S`` and every time in ``table2.csv`` is scaled to
+``S``'s depth (``depth_scale`` = layers of S / executed layers; rates divided by it); shares of the cached
+model do not depend on it. ``system=NAME`` (default ``odmoe``) is the system under test: its headline
 keys (``decode_fraction_of_baseline``, ``stall_overhead_over_bound``, ``mem_*`` ...) are against the
 fully cached model on the same executor. When the run's profile has no host->device link (``host``)
 on a CPU machine, every system runs on ``exp.hardware`` instead; the summary's ``hardware_profile``
@@ -46,6 +50,7 @@ from baselines import SYSTEMS as ENGINE_SYSTEMS
 from baselines import Workload, reference_tokens
 from baselines import run_system as run_engine_system
 from baselines.report import label, markdown
+from odmoe.clock import Timing, resolve_timing
 from odmoe.data.corpus import split_chapters
 from odmoe.data.prompts import load_prompts
 from odmoe.errors import OdmoeError
@@ -71,7 +76,8 @@ COLUMNS = (
 ).split()
 # table2.csv: the same columns for every system (NaN where a column does not apply)
 TABLE2 = (
-    "system executor clock hardware timing_emulated prompt_len output_len prompts ttft_ms decode_tps "
+    "system executor clock shape depth_scale hardware timing_emulated prompt_len output_len prompts ttft_ms "
+    "decode_tps "
     "output_tps decode_tps_bound peak_device_mb cuda_peak_mb agreement perplexity lossy expert_format "
     "hit_rate stall_s prefill_stall_s link_mb loads prefetches prefetch_used skipped_share low_share"
 ).split()
@@ -89,7 +95,10 @@ def held_out_ids(tokenizer, n: int) -> list[int]:
 
 # ---- the runtime executor ----------------------------------------------------------------------
 def _run_cached(cfg, system_cfg, lm: LoadedModel, jobs: list[dict], run: Run) -> list[dict]:
-    results = run_cached(lm, jobs, threads=int(system_cfg.get("threads", 1)))
+    hardware = profile_from_config(cfg.hardware)
+    timing = resolve_timing(cfg.timing, hardware, str(cfg.get("device", "auto")))
+    threads, devices = int(system_cfg.get("threads", 1)), int(system_cfg.get("devices", 8))
+    results = run_cached(lm, jobs, timing, hardware, threads=threads, devices=devices)
     by_workload: dict[str, list] = {}
     for job, r in zip(jobs, results, strict=True):
         by_workload.setdefault(job["workload"], []).append((job["id"], r.pop("record")))
@@ -183,15 +192,15 @@ def _serve_runtime(cfg, name: str, system_cfg, lm, workloads, references, reques
         requests.add(_row(name, job["workload"], job["id"], r, ref))
 
 
-def _runtime_table2(req: pd.DataFrame, name: str, w: Workload, hardware: HardwareProfile, system_cfg) -> dict:
+def _runtime_table2(req: pd.DataFrame, name: str, w: Workload, timing: Timing, system_cfg) -> dict:
     """One Table 2 row (means over prompts) of a runtime system from its ``requests.csv`` rows."""
     g = req[(req.system == name) & (req.workload == f"{w.prompt_len}x{w.output_len}")]
     slots = g.expert_slots.sum()
     return {
         "system": name,
         "executor": "runtime",
-        "clock": "wall+sleeps" if name == "odmoe" and hardware.emulated else "wall",
-        "timing_emulated": hardware.emulated,
+        "clock": timing.mode,
+        "timing_emulated": timing.virtual,
         "prompts": len(g),
         "ttft_ms": 1e3 * g.ttft_s.mean(),
         "decode_tps": g.decode_tok_s.mean(),
@@ -250,10 +259,12 @@ def run(cfg, run: Run) -> dict:
     lm = load_from_cfg(cfg)
     run.bind_model(lm.name, lm.fingerprint)
     hardware = resolve_hardware(cfg, lm)
+    timing = resolve_timing(cfg.timing, hardware, str(cfg.get("device", "auto")))
     run.meta["hardware"].update(
-        profile=hardware.name, emulated=hardware.emulated, requested=cfg.hardware.name
+        profile=hardware.name, emulated=timing.virtual, requested=cfg.hardware.name, timing=timing.describe()
     )
     on_hw = OmegaConf.create({**OmegaConf.to_container(cfg, resolve=True), "hardware": asdict(hardware)})
+    depth = _depth_scale(timing, lm)
     workloads = _workloads(cfg, lm)
     t0 = time.perf_counter()
     references = reference_tokens(lm, workloads)
@@ -284,47 +295,76 @@ def run(cfg, run: Run) -> dict:
                 references,
                 ppl_ids,
                 record_dir=run.path("records") / "engine",
+                timing=timing,
             )
-            clock = "cpu-time+virtual" if rows[0]["timing_emulated"] else "wall"
-            rows = [{**r, "executor": executor, "clock": clock} for r in rows]
+            rows = [{**r, "executor": executor} for r in rows]
         else:
             _serve_runtime(on_hw, name, configs[name], lm, todo, references, requests, run)
             req = requests.frame()
-            rows = [_runtime_table2(req, name, w, hardware, configs[name]) for w in todo]
+            rows = [_runtime_table2(req, name, w, timing, configs[name]) for w in todo]
         for w, r in zip(todo, rows, strict=True):
             r.update(hardware=hardware.name, prompt_len=w.prompt_len, output_len=w.output_len)
+            r.update(shape=timing.shape or lm.name, **_at_depth(r, depth))
             table.add({c: r.get(c, np.nan) for c in TABLE2})
         log.info("%s on the %s: %d workloads in %.0f s", name, executor, len(todo), time.perf_counter() - t0)
     t2, req = table.frame(), requests.frame()
     mem = memory_table(lm, configs.get("odmoe"), req, workloads)
     mem.to_csv(run.path("memory.csv"), index=False)
-    run.path("table2.md").write_text(markdown(t2, _note(lm, hardware, cfg)))
+    run.path("table2.md").write_text(markdown(t2, _note(lm, hardware, timing, depth, cfg)))
     try:
         from plots.e2e import draw_all
 
         draw_all(run.dir)
     except ImportError as err:  # matplotlib missing: the tables are still complete
         log.warning("no figures: %s", err)
-    s = {"model": lm.name, "hardware_profile": hardware.name, "hardware_emulated": hardware.emulated}
+    s = {"model": lm.name, "hardware_profile": hardware.name, "hardware_emulated": timing.virtual}
     s["hardware_requested"] = str(cfg.hardware.name)
+    s |= {"clock": timing.mode, "timing_shape": timing.shape or lm.name, "depth_scale": depth}
     return s | summarize(t2, req, mem, under_test, workloads)
 
 
-def _note(lm: LoadedModel, hardware: HardwareProfile, cfg) -> str:
+def _depth_scale(timing: Timing, lm: LoadedModel) -> float:
+    """Priced layers per executed layer under ``timing=modelled`` at a deeper shape (1 otherwise)."""
+    if timing.mode != "modelled" or not timing.shape:
+        return 1.0
+    from odmoe.sim.shapes import load_shape
+
+    return load_shape(timing.shape).num_layers / lm.adapter.num_layers
+
+
+def _at_depth(row: dict, depth: float) -> dict:
+    """Times scaled to the priced shape's depth, rates divided by it (identity at depth 1)."""
+    out = {"depth_scale": depth}
+    for col in ("ttft_ms", "stall_s", "prefill_stall_s"):
+        if row.get(col) is not None:
+            out[col] = row[col] * depth
+    for col in ("decode_tps", "output_tps", "decode_tps_bound"):
+        if row.get(col) is not None:
+            out[col] = row[col] / depth
+    return out
+
+
+def _note(lm: LoadedModel, hardware: HardwareProfile, timing: Timing, depth: float, cfg) -> str:
     link = f"{hardware.h2d_bandwidth / 1e6:.1f} MB/s" if hardware.h2d_bandwidth else "no"
-    kind = (
-        f"**emulated**: compute measured on the CPU, device memory ledgered, host->device loads over the "
-        f"profile's {link} link; not a GPU measurement"
-        if hardware.emulated
-        else "real devices"
+    priced = (
+        f"compute priced by the cost model at shape `{timing.shape or lm.name}`"
+        if timing.mode == "modelled"
+        else "compute measured as each executor's thread CPU time"
     )
+    kind = (
+        f"**emulated**, clock `{timing.mode}`: {priced}, device memory ledgered, host->device loads over the "
+        f"profile's {link} link and messages over its LAN, in virtual time; not a GPU measurement"
+        if timing.virtual
+        else "real devices, wall clock"
+    )
+    if depth != 1.0:
+        kind += f"; times scaled by depth {depth:g} to `{timing.shape}`'s layer count"
     asked = (
         "" if hardware.name == cfg.hardware.name else f" (asked for `{cfg.hardware.name}`, which has no link)"
     )
     return (
         f"Model {lm.name}; hardware profile `{hardware.name}`{asked} ({kind}); {int(cfg.exp.num_prompts)} "
-        "prompts per workload; each cell is the mean over prompts. Paper numbers are Mixtral-8x7B on RTX 3090s: "
-        "compare orderings and ratios, not absolute values."
+        "prompts per workload; each cell is the mean over prompts. Paper numbers are Mixtral-8x7B on RTX 3090s."
     )
 
 

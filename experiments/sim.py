@@ -11,11 +11,11 @@ import math
 
 import numpy as np
 
+from odmoe.costs import Formats, ModelCosts
 from odmoe.results import Run
 from odmoe.sim import analysis
 from odmoe.sim import recall as rc
 from odmoe.sim.config import costs_of, formats_of, hardware_of, hits_of, odmoe_of, shape_of
-from odmoe.sim.costs import Formats, ModelCosts
 from odmoe.sim.distributed import ODMoEConfig, counts_from_routing, simulate_decode, simulate_request
 from odmoe.sim.offload import (
     OffloadPolicy,

@@ -16,7 +16,7 @@ For OD-MoE, taken from the measured run, and nothing else from it:
 
 * ``meta.json``: the model (its shape), the hardware profile the systems ran on (with the run's overrides), the
   OD-MoE settings (workers, group size, slots, alignment periods and payload, departure, prefill mini-batches,
-  shadow precision) and CPU-only's ``host_slowdown``;
+  shadow precision);
 * ``layers.csv``, per OD-MoE request and MoE layer, means over the request's decode iterations:
   ``M_l`` = ``t_main`` (main-node compute from the previous layer's outputs to this layer's router);
   the expert step = ``compute``; the hidden vector's hop = ``net_in`` minus its serialization (sent -> seen by
@@ -59,6 +59,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from odmoe.costs import Formats, MeasuredCosts, ModelCosts
 from odmoe.errors import OdmoeError
 from odmoe.hardware import HardwareProfile, load_profile, profile_from_config
 from odmoe.paths import repo_root
@@ -66,7 +67,6 @@ from odmoe.record import load_records
 from odmoe.results import Run
 from odmoe.sim import recall as rc
 from odmoe.sim.config import costs_of, formats_of, hardware_of, odmoe_of, shape_of
-from odmoe.sim.costs import Formats, MeasuredCosts, ModelCosts
 from odmoe.sim.distributed import Layout, ODMoEConfig, simulate_request
 from odmoe.sim.replay import mean_costs, replay
 from odmoe.sim.shapes import ModelShape
@@ -362,17 +362,6 @@ def _speeds(P: int, out_len: int, ttft: float, decode: float) -> dict[str, float
     }
 
 
-def _host_slowdown(m: MeasuredRun, system: str) -> float:
-    if system != "cpu_only":
-        return 1.0
-    slowdown = _system(m.config, "cpu_only").get("host_slowdown")
-    if slowdown is None:
-        from baselines.cpu_only import DEFAULT_HOST_SLOWDOWN
-
-        slowdown = DEFAULT_HOST_SLOWDOWN if m.config.get("device") != "cuda" else 1.0
-    return float(slowdown)
-
-
 def _measured_means(
     m: MeasuredRun, executor: str, system: str, P: int, out_len: int
 ) -> dict[str, float] | None:
@@ -422,7 +411,6 @@ def replay_run(m: MeasuredRun) -> tuple[list[dict], list[str]]:
                     costs,
                     m.hardware.h2d_bandwidth,
                     m.hardware.h2d_latency or 0.0,
-                    _host_slowdown(m, system),
                 )
                 sims.append(
                     {**_speeds(P, out_len, r.ttft, r.decode_time), "stall_s": r.stall + r.prefill_stall}

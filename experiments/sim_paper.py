@@ -21,13 +21,13 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
+from odmoe.costs import ModelCosts
 from odmoe.hardware import load_profile
 from odmoe.results import Run
 from odmoe.sim import analysis
 from odmoe.sim import recall as rc
 from odmoe.sim.calibrate import calibrate
 from odmoe.sim.config import formats_of, hardware_of, shape_of
-from odmoe.sim.costs import ModelCosts
 from odmoe.sim.distributed import ODMoEConfig, simulate_decode, simulate_request
 from odmoe.sim.offload import simulate_cached
 from odmoe.sim.paper import CALIBRATION, FIG8, FIG9_BEST, FIG10_BEST, RECALL, TABLE2, WORKLOADS

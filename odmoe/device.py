@@ -1,27 +1,22 @@
 """One node's accelerator: its memory, its host-to-device link and its network interface.
 
-Two implementations share one interface, so the runtime never asks which one it runs on:
+Two kinds share one interface, so the runtime never asks which one it runs on:
 
-* :class:`CudaDevice`: real device memory; peak bytes from ``torch.cuda.max_memory_allocated``;
-  host expert stores in pinned memory; loads are ``copy_(non_blocking=True)`` on a side stream
-  (one copy engine, FIFO), awaited through a CUDA event.
-* :class:`EmulatedDevice` (CPU): tensors live in host memory, and the device is an explicit
-  model of one, configured by a hardware profile:
+* real devices (``timing=wall``): :class:`CudaDevice` has real device memory (peak bytes from
+  ``torch.cuda.max_memory_allocated``), host expert stores in pinned memory and loads as
+  ``copy_(non_blocking=True)`` on a side stream (one copy engine, FIFO), awaited through a CUDA event;
+  :class:`HostDevice` is the CPU as it is. Loads run on a copy thread and are awaited for real.
+* :class:`EmulatedDevice` (``timing=measured`` or ``modelled``): tensors live in host memory and the device
+  is an explicit model of one, configured by a hardware profile:
 
-  - memory: a byte-exact :class:`Ledger` of everything the node holds *as if* on the device
-    (weights, expert slots, KV cache, activations, each entry the ``nbytes`` of real tensors or of
-    shapes the node computes on); exceeding ``profile.<role>.memory`` is an error, like an OOM.
-  - link: :meth:`EmulatedDevice.load` really copies the expert into its preallocated slot, then
-    waits until ``bytes / h2d_bandwidth + h2d_latency`` has passed since the copy could start
-    (one link per node, FIFO, so a second load queues behind the first). The wait is a real
-    deadline, so whatever the node does meanwhile overlaps the load as it would on a GPU.
-  - network: :class:`Nic` prices each outgoing message as
-    ``depart = max(now, nic free)``, ``arrive = depart + bytes / net_bandwidth + net_latency``;
-    the receiver does not use a message before ``arrive`` (it also cannot before it really came,
-    so the real local transport time counts whenever it is longer).
+  - memory: a byte-exact :class:`Ledger` of everything the node holds *as if* on the device (weights,
+    expert slots, KV cache, activations); exceeding ``profile.<role>.memory`` is an error, like an OOM;
+  - link: :meth:`EmulatedDevice.load` copies the expert into its slot at once (the clock paused: the host's
+    memcpy is not the emulated system's time) and returns the copy's completion time on the node's
+    :class:`~odmoe.costs.Link` in virtual time (one copy engine, FIFO);
+  - network: two NIC links (the virtual timeline and the zero-stall bound's) price each outgoing message.
 
-Compute is never emulated: the CPU computes for real, and the profile's link and network numbers
-are scaled to it (``conf/hardware/cpu-emulated.yaml`` says how).
+Nothing sleeps: waiting is the clock's ``V = max(V, t)`` (``odmoe/clock.py``).
 """
 
 from __future__ import annotations
@@ -33,18 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from odmoe.clock import Clock
+from odmoe.costs import Link
 from odmoe.errors import OdmoeError
 from odmoe.hardware import HardwareProfile
-
-
-def now() -> float:
-    """Wall-clock seconds; comparable across the processes of one machine (messages carry it)."""
-    return time.time()
-
-
-def sleep_until(deadline: float) -> None:
-    while (left := deadline - now()) > 0:
-        time.sleep(left)
 
 
 # ---- memory -----------------------------------------------------------------------------------
@@ -100,43 +87,14 @@ class Ledger:
             self.peak_entries = dict(self.entries)
 
 
-# ---- network ----------------------------------------------------------------------------------
-class Nic:
-    """One node's outgoing network interface: serialization at ``bandwidth`` plus a one-way latency.
-
-    With ``bandwidth`` and ``latency`` None (a real, non-emulated profile) messages arrive when
-    they arrive: ``arrival`` returns 0.
-    """
-
-    HEADER_BYTES = 64  # what a message costs beyond its payload
-
-    def __init__(self, bandwidth: float | None, latency: float | None):
-        self.bandwidth = bandwidth
-        self.latency = latency or 0.0
-        self.free_at = 0.0
-        self._lock = threading.Lock()
-
-    @property
-    def emulated(self) -> bool:
-        return self.bandwidth is not None
-
-    def arrival(self, nbytes: int) -> float:
-        if not self.emulated:
-            return 0.0
-        with self._lock:
-            depart = max(now(), self.free_at)
-            self.free_at = depart + (nbytes + self.HEADER_BYTES) / self.bandwidth
-            return self.free_at + self.latency
-
-
 # ---- loads ------------------------------------------------------------------------------------
 @dataclass
 class Load:
-    """One host-to-device copy in flight. ``start``/``done`` are wall-clock times."""
+    """One host-to-device copy. ``done`` is its completion on the node's clock (virtual on an emulated
+    device, ``time.perf_counter`` on a real one)."""
 
     slot: int
     nbytes: int
-    issued: float = field(default_factory=now)
     start: float = 0.0
     done: float = 0.0
     ready: threading.Event = field(default_factory=threading.Event)
@@ -162,9 +120,8 @@ class Device:
         dev = getattr(profile, role, None)
         memory = getattr(dev, "memory", None)
         # a node with several devices (the paper's shadow: two RTX 3090s) pools their memory
-        capacity = memory * getattr(dev, "count", 1) if self.emulated and memory else None
+        capacity = memory * getattr(dev, "count", 1) if memory else None
         self.ledger = Ledger(capacity, owner=f"{role} device")
-        self.nic = Nic(profile.net_bandwidth, profile.net_latency) if self.emulated else Nic(None, None)
         self.slots: list[torch.Tensor] = []
         self.bytes_loaded = 0
         self.loads = 0
@@ -182,7 +139,8 @@ class Device:
         """A host copy of ``tensor`` the link can load from (pinned on CUDA)."""
         return tensor.detach().to("cpu", copy=True).contiguous()
 
-    def load(self, slot: int, host: torch.Tensor) -> Load:
+    def load(self, slot: int, host: torch.Tensor, at: float = 0.0) -> Load:
+        """Copy ``host`` into ``slot``; ``at`` is the issue time on an emulated device's clock."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._copy_engine, name=f"{self.role}-copy", daemon=True)
             self._thread.start()
@@ -215,23 +173,30 @@ class Device:
 
 
 class EmulatedDevice(Device):
-    """A CPU standing in for a GPU: ledger memory, a deadline-timed link, an emulated NIC."""
+    """A CPU standing in for a GPU: ledger memory, a virtual-time copy link, virtual-time NICs.
+
+    ``nbytes`` prices every load (``timing=modelled`` at another model's shape: that model's expert bytes);
+    by default a load costs the bytes really copied.
+    """
 
     emulated = True
 
-    def __init__(self, profile: HardwareProfile, role: str):
-        profile.need("h2d_bandwidth", "net_bandwidth", "net_latency")
+    def __init__(self, profile: HardwareProfile, role: str, clock: Clock, nbytes: float | None = None):
         super().__init__(profile, role, torch.device("cpu"))
-        self.link_free_at = 0.0
+        self.clock = clock
+        self.link = Link.h2d(profile)
+        self.nic, self.nic_bound = Link.nic(profile), Link.nic(profile)
+        self.priced_bytes = nbytes
 
-    def _copy(self, job: Load, host: torch.Tensor) -> None:
-        bw, lat = self.profile.h2d_bandwidth, self.profile.h2d_latency or 0.0
-        job.start = max(now(), self.link_free_at)
-        sleep_until(job.start)
-        self.slots[job.slot][: host.numel()].copy_(host)
-        job.done = job.start + job.nbytes / bw + lat
-        self.link_free_at = job.done
-        sleep_until(job.done)
+    def load(self, slot: int, host: torch.Tensor, at: float = 0.0) -> Load:
+        job = Load(slot, host.numel() * host.element_size(), start=max(at, self.link.free_at))
+        with self.clock.paused():
+            self.slots[slot][: host.numel()].copy_(host)
+        job.done = self.link.transfer(self.priced_bytes or job.nbytes, at)
+        self.bytes_loaded += job.nbytes
+        self.loads += 1
+        job.ready.set()
+        return job
 
 
 class CudaDevice(Device):
@@ -247,11 +212,11 @@ class CudaDevice(Device):
         return tensor.detach().to("cpu", copy=True).contiguous().pin_memory()
 
     def _copy(self, job: Load, host: torch.Tensor) -> None:
-        job.start = now()
+        job.start = time.perf_counter()
         with torch.cuda.stream(self.stream):
             self.slots[job.slot][: host.numel()].copy_(host, non_blocking=True)
         self.stream.synchronize()
-        job.done = now()
+        job.done = time.perf_counter()
 
     def peak_bytes(self) -> int:
         return int(torch.cuda.max_memory_allocated(self.torch_device))
@@ -261,14 +226,21 @@ class CudaDevice(Device):
         torch.cuda.reset_peak_memory_stats(self.torch_device)
 
 
-def make_device(profile: HardwareProfile, role: str, torch_device: torch.device) -> Device:
-    """The device of a node: emulated when the profile says so (CPU only), else the real one."""
-    if profile.emulated:
+def make_device(
+    profile: HardwareProfile,
+    role: str,
+    torch_device: torch.device,
+    clock: Clock,
+    load_bytes: float | None = None,
+) -> Device:
+    """The device of a node: emulated on a virtual clock (CPU only), else the real one."""
+    if clock.virtual:
         if torch_device.type != "cpu":
             raise OdmoeError(
-                f"hardware profile {profile.name} is emulated, which runs on CPU; pass device=cpu or pick a real profile"
+                f"timing={clock.mode} emulates the devices of profile {profile.name} on the CPU; "
+                "pass device=cpu, or timing=wall for a real GPU"
             )
-        return EmulatedDevice(profile, role)
+        return EmulatedDevice(profile, role, clock, load_bytes)
     if torch_device.type == "cuda":
         return CudaDevice(profile, role, torch_device)
     return HostDevice(profile, role, torch_device)
@@ -278,6 +250,6 @@ class HostDevice(Device):
     """The CPU as it is (profile ``host``): no emulated delays, the ledger still counts bytes."""
 
     def _copy(self, job: Load, host: torch.Tensor) -> None:
-        job.start = now()
+        job.start = time.perf_counter()
         self.slots[job.slot][: host.numel()].copy_(host)
-        job.done = now()
+        job.done = time.perf_counter()

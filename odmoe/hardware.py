@@ -40,6 +40,8 @@ class Device:
 class HardwareProfile:
     """A machine or cluster: devices per role, host->device link, network, software overheads.
 
+    ``host`` is the CPU that holds offloaded experts (CPU-only computes on it); ``compute_scale`` converts
+    host CPU seconds into target seconds under ``timing=measured`` (1: the host stands for the device).
     ``layer_overhead`` is the fixed per-layer time of eager batch-1 inference that no roofline explains
     (kernel launches, Python dispatch); ``main_share`` is the part of it spent by the node that runs
     attention and the router (the rest goes with the expert computation).
@@ -51,6 +53,7 @@ class HardwareProfile:
     main: Device = field(default_factory=Device)
     worker: Device = field(default_factory=Device)
     shadow: Device = field(default_factory=Device)
+    host: Device = field(default_factory=Device)  # the host CPU and its DRAM (CPU-only inference)
     num_workers: int | None = None
     h2d_bandwidth: float | None = None  # bytes/s, pinned host DRAM -> device, one link
     h2d_latency: float | None = None  # s per copy
@@ -59,6 +62,7 @@ class HardwareProfile:
     layer_overhead: float | None = None  # s per decoder layer
     main_share: float | None = None  # fraction of layer_overhead on the attention side
     host_memory: float | None = None  # bytes of DRAM per worker
+    compute_scale: float | None = None  # timing=measured: target seconds per host CPU second (default 1)
     sources: dict[str, str] = field(default_factory=dict)
 
     def need(self, *names: str) -> None:
@@ -119,7 +123,7 @@ def profile_from_config(cfg: DictConfig | Mapping[str, Any]) -> HardwareProfile:
         )
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("main", "worker", "shadow"):
+        if key in ("main", "worker", "shadow", "host"):
             out[key] = _device(value)
         elif key in ("name", "source"):
             out[key] = str(value)

@@ -58,10 +58,14 @@ def spec_from_cfg(cfg, system: Any, jobs: list[dict], collect_logits: bool = Fal
     directory = resolve_path(path) if path else ensure_embedded(m.name) if m.name in EMBEDDED else None
     if directory is None:
         raise OdmoeError(f"model {m.name!r} is not embedded; pass model.path=<local directory>")
+    from odmoe.clock import resolve_timing
+    from odmoe.hardware import profile_from_config
+
     hardware = OmegaConf.to_container(cfg.hardware, resolve=True)
     system = OmegaConf.to_container(system, resolve=True) if not isinstance(system, dict) else system
     device = str(cfg.get("device", "auto"))
-    if hardware.get("emulated"):
+    timing = resolve_timing(cfg.get("timing"), profile_from_config(hardware), device)
+    if timing.virtual:
         device = "cpu"
     return {
         "model": {
@@ -71,6 +75,7 @@ def spec_from_cfg(cfg, system: Any, jobs: list[dict], collect_logits: bool = Fal
             "decode": OmegaConf.to_container(m.decode) if m.get("decode") else None,
         },
         "hardware": hardware,
+        "timing": {"mode": timing.mode, "shape": timing.shape, "scale": timing.scale},
         "system": system,
         "device": device,
         "seed": int(cfg.get("seed", 0)),
@@ -129,6 +134,7 @@ def run_rank(spec: dict, out_dir: Path | None) -> None:
         else:
             from odmoe.runtime.worker import WorkerNode as Role
         role = Role(node)
+        node.clock.reset()  # every rank's time 0: setup is not the system's time
         node.barrier("ready", float(spec["system"].get("startup_timeout_s", 600)))
         role.run()
         node.comm.stopping = True

@@ -24,10 +24,8 @@ waits       per computed expert in compute order, the transfer of this request t
             resident before the request); empty when the executor has no link (all resident)
 ==========  ========================================================================================
 
-Per step: ``t_tail`` (after the last MoE layer: final norm, LM head) and ``extra`` (CPU-only's
-charged ``host_slowdown``). Per transfer: bytes and kind (``demand``, ``prefetch``, ``writeback``).
-Times are on the executor's compute clock: the engine's ``Clock.compute`` (CPU time when emulated,
-wall time on CUDA), the cached runtime's wall clock.
+Per step: ``t_tail`` (after the last MoE layer: final norm, LM head) and ``extra`` (0; kept for old records). Per transfer: bytes and kind (``demand``, ``prefetch``, ``writeback``).
+Times are on the executor's clock (``odmoe/clock.py``), stalls excluded.
 """
 
 from __future__ import annotations

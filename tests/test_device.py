@@ -1,13 +1,12 @@
-"""The emulated device: ledger arithmetic and capacity, deadline-timed link, NIC pricing; the memory model."""
+"""The emulated device: ledger arithmetic and capacity, the virtual-time copy link; the memory model."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
 
-from odmoe.device import EmulatedDevice, Ledger, Nic, now
+from odmoe.clock import Clock
+from odmoe.device import EmulatedDevice, Ledger
 from odmoe.errors import OdmoeError
 from odmoe.hardware import load_profile
 from odmoe.runtime import memory
@@ -28,31 +27,30 @@ def test_ledger_tracks_total_peak_and_categories():
         led.set("slots/0", 900)
 
 
-def test_nic_serializes_messages_back_to_back():
-    nic = Nic(bandwidth=1e6, latency=0.01)
-    t = now()
-    a = nic.arrival(10_000 - Nic.HEADER_BYTES)  # 10 ms on the wire
-    b = nic.arrival(10_000 - Nic.HEADER_BYTES)  # queues behind the first
-    assert a - t == pytest.approx(0.02, abs=2e-3)
-    assert b - a == pytest.approx(0.01, abs=1e-3)
-    assert Nic(None, None).arrival(10**9) == 0.0
-
-
-def test_emulated_link_copies_for_real_and_waits_bytes_over_bandwidth():
+def test_emulated_link_copies_for_real_and_completes_in_virtual_time():
+    """The copy happens at once (the clock paused), the load completes bytes / bandwidth + latency after its
+    issue on the virtual timeline, and a second load queues behind the first on the one copy engine."""
     profile = load_profile("cpu-emulated").with_(h2d_bandwidth=1e6, h2d_latency=0.002)
-    dev = EmulatedDevice(profile, "worker")
+    clock = Clock("modelled")
+    dev = EmulatedDevice(profile, "worker", clock)
     dev.alloc_slots(1, 5000, torch.float32)  # 20 kB slot
     assert dev.ledger.total == 20_000
     host = torch.arange(5000, dtype=torch.float32)
-    t0 = time.time()
-    load = dev.load(0, host)
-    assert load.wait(5)
-    elapsed = time.time() - t0
-    assert torch.equal(dev.slots[0], host)
-    assert load.done - load.start == pytest.approx(0.022, abs=1e-6)  # 20 kB / 1 MB/s + 2 ms
-    assert elapsed >= 0.021
-    second = dev.load(0, host)  # one link: the next load starts when the first is done
-    assert second.wait(5) and second.start >= load.done and dev.loads == 2 and dev.bytes_loaded == 40_000
+    load = dev.load(0, host, at=1.0)
+    assert torch.equal(dev.slots[0], host) and load.wait(0)
+    assert load.done == pytest.approx(1.022)  # 20 kB / 1 MB/s + 2 ms
+    second = dev.load(0, host, at=1.001)  # one link: starts when the first is done
+    assert second.done == pytest.approx(1.044) and dev.loads == 2 and dev.bytes_loaded == 40_000
+    assert clock.now() == 0.0  # issuing a load costs the issuer nothing
+    assert clock.wait_copy(second.done) == pytest.approx(1.044) and clock.now() == pytest.approx(1.044)
+
+
+def test_modelled_load_bytes_price_another_models_expert():
+    """timing=modelled at another shape: a load costs that shape's expert bytes, not the bytes copied."""
+    profile = load_profile("cpu-emulated").with_(h2d_bandwidth=1e6, h2d_latency=0.0)
+    dev = EmulatedDevice(profile, "worker", Clock("modelled"), nbytes=3e6)
+    dev.alloc_slots(1, 10, torch.float32)
+    assert dev.load(0, torch.zeros(10), at=0.0).done == pytest.approx(3.0)
 
 
 def test_memory_model_prices_mixtral_like_the_paper():

@@ -8,10 +8,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from odmoe.costs import FixedCosts, Formats, ModelCosts
 from odmoe.hardware import load_profile
 from odmoe.sim import recall as rc
 from odmoe.sim.analysis import eq1_budget, eq1_table, io_bound_tok_s, node_memory, solve_increasing
-from odmoe.sim.costs import FixedCosts, Formats, ModelCosts
 from odmoe.sim.distributed import Layout, ODMoEConfig, simulate_decode, simulate_prefill
 from odmoe.sim.shapes import load_shape
 

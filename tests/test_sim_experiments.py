@@ -11,13 +11,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from odmoe.costs import ModelCosts
 from odmoe.errors import OdmoeError
 from odmoe.hardware import load_profile
 from odmoe.paths import repo_root
 from odmoe.record import ExecutorRecord, save_records
 from odmoe.results import Run
 from odmoe.sim import recall as rc
-from odmoe.sim.costs import ModelCosts
 from odmoe.sim.distributed import ODMoEConfig, simulate_decode, simulate_request
 from odmoe.sim.paper import FIG8, RECALL, TABLE2
 from odmoe.sim.shapes import load_shape
@@ -68,7 +68,7 @@ def test_sim_measured_needs_the_runtime_outputs_and_reads_them(tmp_path):
     pd.DataFrame(
         {"pos": np.repeat(np.arange(1, 21), 16), "layer": np.tile(np.arange(16), 20), "hits": hits.ravel()}
     ).to_csv(tmp_path / "trace.csv", index=False)
-    from odmoe.sim.costs import load_measured
+    from odmoe.costs import load_measured
 
     costs = load_measured(tmp_path / "times.csv", ModelCosts(shape, load_profile("cpu-emulated")))
     sim = simulate_request(shape, costs, ODMoEConfig(num_workers=8), 16, 21, hits)
@@ -209,7 +209,7 @@ def synthetic_e2e_run(path, iterations: int = 12, speed_factor: float = 1.0):
 
 def test_sim_measured_derives_its_inputs_from_an_e2e_run(tmp_path):
     from experiments import sim_measured as sm
-    from odmoe.sim.costs import Formats
+    from odmoe.costs import Formats
 
     path = synthetic_e2e_run(tmp_path / "run")
     m = sm.load_run(path)

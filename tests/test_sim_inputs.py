@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from odmoe.costs import FixedCosts, ModelCosts, load_measured
 from odmoe.errors import OdmoeError
 from odmoe.hardware import HARDWARE_DIR, load_profile, profile_from_config, profile_names
 from odmoe.sim import recall as rc
 from odmoe.sim.calibrate import calibrate
-from odmoe.sim.costs import FixedCosts, ModelCosts, load_measured
 from odmoe.sim.distributed import ODMoEConfig, simulate_decode
 from odmoe.sim.offload import simulate_cached
 from odmoe.sim.paper import CALIBRATION

@@ -7,8 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from odmoe.costs import FixedCosts, ModelCosts
 from odmoe.hardware import load_profile
-from odmoe.sim.costs import FixedCosts, ModelCosts
 from odmoe.sim.offload import (
     OffloadPolicy,
     predict_sets,

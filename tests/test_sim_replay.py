@@ -58,18 +58,6 @@ def test_replay_matches_a_hand_computed_schedule():
     assert slow.stall == pytest.approx(2.0) and slow.prefill_stall == pytest.approx(8.0)
 
 
-def test_replay_charges_host_slowdown():
-    """CPU-only: every step's compute and tail cost ``host_slowdown`` times more."""
-    layers, steps, _ = hand_record()
-    layers = layers.assign(demand=[[]] * 3, prefetch=[[]] * 3, waits=[[]] * 3)
-    costs = {p: mean_costs(layers, steps, p) for p in ("prefill", "decode")}
-    none = pd.DataFrame(columns=["transfer", "bytes", "kind"])
-    base = replay(layers, steps, none, costs, bandwidth=None)
-    slow = replay(layers, steps, none, costs, bandwidth=None, host_slowdown=3.0)
-    assert base.ttft == pytest.approx(2.5) and slow.ttft == pytest.approx(7.5)
-    assert slow.decode_time == pytest.approx(3 * base.decode_time)
-
-
 @pytest.mark.parametrize(
     "name,cfg",
     [

@@ -1,21 +1,23 @@
 """The fully cached model (every expert resident on one device): OD-MoE's upper bound, measured the same way.
 
 This is the paper's "Transformers" row: the unmodified model, greedy, batch 1, KV cache, all weights
-on the device. On a CPU-emulated profile its device is the same ledger the OD-MoE nodes use (weights,
-KV and activations counted with the same functions), and its compute is the same CPU's, so the
-decode-speed ratio OD-MoE / cached is the emulated testbed's ratio. No link or network is involved.
+on the device (``devices`` pooled devices' memory, capacity enforced). It times on the same clock as the
+OD-MoE ranks (``odmoe/clock.py``): measured (this thread's CPU time x the profile's ``compute_scale``) or
+modelled (``cached_layer`` per layer at ``timing.shape``, and the LM head), so the decode-speed ratio
+OD-MoE / cached is the emulated testbed's ratio. No link or network is involved.
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
+from odmoe.clock import Clock, Timing
+from odmoe.costs import Pricer, run_costs
 from odmoe.decoding import next_token
 from odmoe.device import Ledger
+from odmoe.hardware import HardwareProfile
 from odmoe.metrics import request_speed
 from odmoe.models.adapter import MoEAdapter, eager_experts_forward
 from odmoe.models.load import LoadedModel
@@ -25,21 +27,23 @@ from odmoe.trace import check_length, forward_step
 
 
 class LayerTimer:
-    """Times each MoE layer of the model's own eager expert loop into an ``ExecutorRecord`` (wall clock).
-    The cost, two timer reads and a row per layer (microseconds against a layer's ~1.5 ms), is part of
-    the measured speed too, so the record and the speed describe the same run."""
+    """Times each MoE layer of the model's own eager expert loop into an ``ExecutorRecord`` on the run's
+    clock (under ``timing=modelled`` each layer is charged here: attention to experts, ``cached_layer``)."""
 
-    def __init__(self, adapter: MoEAdapter):
+    def __init__(self, adapter: MoEAdapter, clock: Clock, pricer: Pricer | None):
         self.record = ExecutorRecord()
+        self.clock, self.pricer = clock, pricer
         self.mark = 0.0
         for layer in adapter.moe_layers:
             adapter.set_experts_forward(layer, self._hook(layer))
 
     def _hook(self, layer: int):
         def forward(module, hidden, top_k_index, top_k_weights):
-            t0 = time.perf_counter()
+            if self.pricer is not None:
+                self.clock.charge(self.pricer.upto(layer))
+            t0 = self.clock.now()
             out = eager_experts_forward(module, hidden, top_k_index, top_k_weights)
-            t1 = time.perf_counter()
+            t1 = self.clock.now()
             self.record.layer(
                 layer=layer,
                 t_main=t0 - self.mark,
@@ -59,28 +63,41 @@ class LayerTimer:
 
         return forward
 
-    def begin_step(self) -> None:
-        self.mark = time.perf_counter()
+    def begin_step(self, tokens: int, ctx: int) -> None:
+        if self.pricer is not None:
+            self.pricer.begin(tokens, ctx)
+        self.mark = self.clock.now()
 
     def end_step(self) -> None:
         """After the step's token is chosen: the tail is LM head, token choice and bookkeeping."""
-        self.record.end_step(time.perf_counter() - self.mark, 0.0)
+        if self.pricer is not None:
+            self.clock.charge(self.pricer.finish())
+        self.record.end_step(self.clock.now() - self.mark, 0.0)
 
 
 @torch.no_grad()
 def run_cached(
-    lm: LoadedModel, jobs: list[dict], threads: int = 1, collect_logits: bool = False
+    lm: LoadedModel,
+    jobs: list[dict],
+    timing: Timing,
+    hardware: HardwareProfile,
+    threads: int = 1,
+    collect_logits: bool = False,
+    devices: int = 8,
 ) -> list[dict]:
-    """Decode every request ``{"id", "prompt", "output_len"}``; one result dict per request, with
-    ``record``: its per-layer compute times (``odmoe.record``)."""
+    """Decode every request ``{"id", "prompt", "output_len"}`` on ``timing``'s clock; one result dict per
+    request, with ``record``: its per-layer compute times (``odmoe.record``)."""
     model, adapter = lm.model, lm.adapter
     adapter.clear_experts_forward()
     shape = memory.shape_from_config(model.config)
     elem = next(model.parameters()).element_size()
     dev = next(model.parameters()).device
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    ledger = Ledger(None, "cached device")
+    memory_per_device = hardware.main.memory
+    ledger = Ledger(memory_per_device * devices if memory_per_device else None, "cached device")
     ledger.set("weights/all", weights)
+    costs = run_costs(timing, hardware, model.config)
+    pricer = None if costs is None else Pricer(costs, adapter.num_layers, "cached")
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     out = []
@@ -92,35 +109,38 @@ def run_cached(
             ledger.set("kv", 0)
             ledger.reset_peak()
             cache = DynamicCache(config=model.config)
-            timer = LayerTimer(adapter)
-            t0 = time.perf_counter()
-            timer.begin_step()
+            clock = Clock(timing.mode, timing.scale)
+            timer = LayerTimer(adapter, clock, pricer)
+            t0 = clock.now()
+            timer.begin_step(P, 0)
             ledger.set("activations", _act(shape, P, P, elem))
             logits = forward_step(model, torch.tensor([prompt], device=dev), cache)
             token = next_token(model, prompt, logits)
             timer.end_step()
-            t_first = time.perf_counter()
+            t_first = clock.now()
             ledger.set("kv", _kv(cache))
             ledger.set("activations", 0)
             prefill_peak = ledger.peak
             ledger.reset_peak()
             tokens, all_logits = [token], [logits.float().cpu().numpy()]
             for n in range(1, out_len):
-                timer.begin_step()
+                timer.begin_step(1, P + n - 1)
                 ledger.set("activations", _act(shape, 1, P + n, elem))
                 logits = forward_step(model, torch.tensor([[token]], device=dev), cache)
                 token = next_token(model, prompt + tokens, logits)
                 tokens.append(token)
                 if collect_logits:
-                    all_logits.append(logits.float().cpu().numpy())
+                    with clock.paused():
+                        all_logits.append(logits.float().cpu().numpy())
                 ledger.set("kv", _kv(cache))
                 timer.end_step()
-            t_last = time.perf_counter()
+            t_last = clock.now()
             ledger.set("activations", 0)
             row = {
                 "request": job.get("id", str(i)),
                 "job": i,
                 **request_speed(P, tokens, t0, t_first, t_last),
+                "clock": timing.mode,
                 "peak_total": int(ledger.peak),
                 "prefill_peak_total": int(prefill_peak),
                 "record": timer.record,

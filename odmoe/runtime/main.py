@@ -11,15 +11,19 @@ router has chosen the top-k experts of layer l, the hook
 3. waits for the k raw expert outputs and combines them with the router's gate weights, in the
    eager loop's order (ascending expert index), so the result equals the cached model's.
 
-Timing per (iteration n, MoE layer l), wall clock on the main node:
+Timing per (iteration n, MoE layer l), on the main node's clock (``odmoe/clock.py``; virtual on an
+emulated profile):
   ``t_main``  = gate(l) - outputs(l-1): attention, norms, router (M_l; the first layer includes the
                embedding; dense layers in between count with the next MoE layer);
   ``t_worker`` = outputs(l) - gate(l): network out, expert compute, network back, and any stall;
   ``stall``   = the largest wait of the group's workers for their expert after the hidden state
                arrived (reported by the workers).
-The critical-path lower bound of a request's decode is the sum over iterations of
-``t_main + t_worker - stall`` over layers plus each iteration's tail (final norm, LM head, argmax,
-alignment send): the decode time the same compute and network would give with zero stalls.
+The zero-stall bound of a request's decode is the clock's own bound timeline (the same compute and
+messages, copies free): a true critical path, not ``decode - stalls``. Under ``timing=wall`` it is not
+tracked (NaN).
+
+On a virtual clock the prediction the gate uses is the newest one *delivered* by the gate's time; the main
+node blocks until the shadow's message physically exists to decide that (``messages.prediction``).
 """
 
 from __future__ import annotations
@@ -35,15 +39,14 @@ from torch import nn
 from transformers import DynamicCache
 
 from odmoe.decoding import next_token
-from odmoe.device import now
 from odmoe.errors import OdmoeError
 from odmoe.metrics import request_speed
 from odmoe.models.load import load_model
 from odmoe.runtime import memory, prefill
 from odmoe.runtime.layout import SHADOW, Layout, resolve
-from odmoe.runtime.messages import Kind, key_of
+from odmoe.runtime.messages import Kind, key_of, predictions, settled_version
 from odmoe.runtime.node import Node, tick
-from odmoe.runtime.shadow import request_alignment
+from odmoe.runtime.shadow import request_alignment, speculative
 from odmoe.trace import check_length, forward_step
 
 
@@ -79,11 +82,17 @@ class MainNode:
         self.alignment = request_alignment(node, {})
         self.minibatches = 4
         self.req: Request | None = None
+        self.pricer = node.pricer(self.adapter.num_layers, "main")
+        shadow = node.system.get("shadow", {})
+        self.predicts = shadow.get("predictor", "sep") != "none"
+        self.speculative = False
 
     # ---- the hook ----------------------------------------------------------------------------
     def _hook(self, layer: int):
         def forward(module, hidden, top_k_index, top_k_weights):
             req = self.req
+            if self.pricer is not None:
+                self.node.clock.charge(self.pricer.upto(layer))
             ledger = self.node.device.ledger
             ledger.set(
                 "activations",
@@ -104,21 +113,34 @@ class MainNode:
 
         return forward
 
+    def _prediction(self, n: int, layer: int, t_gate: float) -> list[int] | None:
+        """The experts the shadow predicted for (n, layer), if delivered by the gate's time."""
+        if not self.predicts:
+            return None
+        mb, clock = self.node.comm.mailbox, self.node.clock
+        msgs = predictions(mb, n, layer, settled_version(mb, n, self.speculative) if clock.virtual else None)
+        usable = [m for m in msgs if m.arrive <= t_gate] if clock.virtual else msgs
+        mb.discard(key_of(Kind.PREDICT, n, layer))
+        if layer == self.layout.moe_layers[-1]:
+            mb.discard(key_of(Kind.SETTLED, n))
+        return usable[-1].ints[1 : 1 + self.layout.top_k] if usable else None
+
     def _decode_layer(self, req: Request, layer: int, hidden, top_k_index, top_k_weights) -> torch.Tensor:
-        comm, mb = self.node.comm, self.node.comm.mailbox
+        comm, mb, clock = self.node.comm, self.node.comm.mailbox, self.node.clock
         n = tick(req.job, req.n)
-        t_gate = now()
+        t_gate = clock.now()
         true = top_k_index[0].tolist()
-        pm = mb.take(key_of(Kind.PREDICT, n, layer))
-        predicted = pm.ints[: len(true)] if pm is not None else None
+        predicted = self._prediction(n, layer, t_gate)
         assign = resolve(predicted, true)
         x = hidden.detach()
         for w in self.layout.group_workers(layer):
             comm.send(Layout.worker_rank(w), Kind.HIDDEN, n, layer, assign, x)
+        if self.pricer is not None:
+            clock.charge(self.pricer.shared())
         outs = []
         for _ in true:
             try:
-                outs.append(mb.get(key_of(Kind.OUTPUT, n, layer), "", ""))
+                outs.append(comm.receive(key_of(Kind.OUTPUT, n, layer), "", ""))
             except TimeoutError:  # name the workers whose outputs are missing
                 done = {m.ints[1] for m in outs}
                 late = sorted(
@@ -129,7 +151,7 @@ class MainNode:
                     f"timed out after {mb.timeout:g} s waiting for the expert outputs of iteration {req.n} "
                     f"layer {layer} from {names}"
                 ) from None
-        t_out = now()
+        t_out = clock.now()
         out = torch.zeros_like(hidden)
         by_expert = {m.ints[0]: m for m in outs}
         for e in sorted(by_expert):
@@ -140,9 +162,9 @@ class MainNode:
                 torch.zeros(1, dtype=torch.long, device=hidden.device),
                 (y * top_k_weights[0:1, pos, None]).to(out.dtype),
             )
-        # position, hit, predicted, reload, stall_us, compute_us, net_us, rx_us, emulated_us
-        stats = np.array([m.ints[1:10] for m in outs])
-        back = max(m.received - m.sent for m in outs), max(max(m.arrive, m.sent) - m.sent for m in outs)
+        # position, hit, predicted, reload, stall_ns, compute_ns, net_in_ns, load_lead_ns
+        stats = np.array([m.ints[1:9] for m in outs])
+        back = max(m.arrive - m.sent for m in outs) if clock.virtual else np.nan
         req.rows.append(
             {
                 "n": req.n,
@@ -150,13 +172,11 @@ class MainNode:
                 "t_gate": t_gate,
                 "t_main": t_gate - req.prev,
                 "t_worker": t_out - t_gate,
-                "stall": stats[:, 4].max() / 1e6,
-                "compute": stats[:, 5].max() / 1e6,
-                "net_in": stats[:, 6].max() / 1e6,
-                "net_in_transport": stats[:, 7].max() / 1e6,
-                "net_in_emulated": stats[:, 8].max() / 1e6,
-                "net_out_transport": back[0],
-                "net_out_emulated": back[1],
+                "stall": stats[:, 4].max() / 1e9,
+                "compute": stats[:, 5].max() / 1e9,
+                "net_in": stats[:, 6].max() / 1e9,
+                "net_out": back,
+                "load_lead": stats[:, 7].min() / 1e9,
                 "predicted": int(predicted is not None),
                 "mispredicted": 0
                 if predicted is None
@@ -202,15 +222,24 @@ class MainNode:
         self.minibatches = int(job.get("prefill_minibatches", self.node.system.get("prefill_minibatches", 4)))
         if self.minibatches < 1:
             raise OdmoeError(f"prefill_minibatches must be >= 1, got {self.minibatches}")
+        self.speculative = speculative(self.node, job)
         self.node.device.reset_peak()
-        t0 = now()
+        clock, pricer = self.node.clock, self.pricer
+        t0 = clock.now()
         for r in range(1, self.layout.world_size):
             comm.send(r, Kind.START, 0, 0, [i, P, out_len], torch.tensor(prompt) if r == SHADOW else None)
         cache = DynamicCache(config=self.model.config)
+        if pricer is not None:
+            pricer.begin(P, 0)
         logits = forward_step(self.model, torch.tensor([prompt], device=dev), cache)
+        if pricer is not None:
+            clock.charge(pricer.finish())
         token = next_token(self.model, prompt, logits)
-        t_first = now()
-        all_logits = [logits.float().cpu().numpy()] if collect else None
+        t_first, b_first = clock.now(), clock.bound()
+        with clock.paused():
+            all_logits = [logits.float().cpu().numpy()] if collect else None
+            if self.node.out_dir is not None:
+                (self.node.out_dir / "status").write_text(f"decoding request {i}\n")
         ledger.set("kv", _cache_bytes(cache))
         ledger.set("activations", 0)
         prefill_peak = self.node.device.peak_bytes()
@@ -218,23 +247,27 @@ class MainNode:
         tokens = [token]
         self.last_aligned = 0
         self._send_done(req, cache, 0, token, P)
-        if self.node.out_dir is not None:
-            (self.node.out_dir / "status").write_text(f"decoding request {i}\n")
         iterations = []
         for n in range(1, out_len):
             req.n, req.phase, req.context = n, "decode", P + n
-            req.prev = t_it = now()
+            req.prev = t_it = clock.now()
+            if pricer is not None:
+                pricer.begin(1, P + n - 1)
             logits = forward_step(self.model, torch.tensor([[token]], device=dev), cache)
+            if pricer is not None:
+                clock.charge(pricer.finish())
             token = next_token(self.model, prompt + tokens, logits)
             tokens.append(token)
             if collect:
-                all_logits.append(logits.float().cpu().numpy())
+                with clock.paused():
+                    all_logits.append(logits.float().cpu().numpy())
             ledger.set("kv", _cache_bytes(cache))
             ledger.set("activations", 0)
             self._send_done(req, cache, n, token, P)
-            t_end = now()
+            t_end = clock.now()
             iterations.append((n, t_it, req.prev, t_end))
-        t_last = now()
+        t_last, b_last = clock.now(), clock.bound()
+        bound = b_last - b_first if clock.virtual else float("nan")
         decode_peak = self.node.device.peak_bytes()
         ends = {}
         for r in range(1, self.layout.world_size):
@@ -244,9 +277,7 @@ class MainNode:
             job,
             i,
             P,
-            t0,
-            t_first,
-            t_last,
+            (t0, t_first, t_last, bound),
             tokens,
             iterations,
             layers,
@@ -289,9 +320,7 @@ class MainNode:
         job,
         i,
         P,
-        t0,
-        t_first,
-        t_last,
+        times,
         tokens,
         iterations,
         layers,
@@ -299,17 +328,14 @@ class MainNode:
         prefill_peak,
         decode_peak,
     ) -> dict:
+        t0, t_first, t_last, bound = times
         df = pd.DataFrame(layers)
         lm = len(self.layout.moe_layers)
-        decode_s = t_last - t_first
-        if len(df):
-            df["bound"] = df["t_main"] + df["t_worker"] - df["stall"]
         tails = sum(t_end - t_prev for _, _, t_prev, t_end in iterations)
-        bound = float(df["bound"].sum() + tails) if len(df) else decode_s
         shadow_end = ends.get(SHADOW)
         lead = _lead(df, shadow_end.tensor if shadow_end is not None else None, lm)
-        for row, b, ld in zip(layers, df.get("bound", []), df.get("lead", [None] * len(df)), strict=False):
-            row["bound"], row["lead"] = float(b), (None if ld is None else int(ld))
+        for row, ld in zip(layers, df.get("lead", [None] * len(df)), strict=False):
+            row["lead"] = None if ld is None else int(ld)
         workers = [ends[Layout.worker_rank(w)] for w in range(self.layout.num_workers)]
         peak_workers = [int(m.ints[3]) for m in workers]
         peak_shadow = int(shadow_end.ints[1]) if shadow_end is not None else 0
@@ -318,6 +344,7 @@ class MainNode:
             "job": i,
             **request_speed(P, tokens, t0, t_first, t_last),
             "lower_bound_s": bound,
+            "clock": self.node.clock.mode,
             "stall_s": float(df["stall"].sum()) if len(df) else 0.0,
             "stalled_layers": int((df["stall"] > 0.0005).sum()) if len(df) else 0,
             "mispredicted_experts": int(df["mispredicted"].sum()) if len(df) else 0,

@@ -1,7 +1,8 @@
 """Small typed messages between ranks over ``torch.distributed`` point-to-point, and their mailbox.
 
 Every message is one fixed-size int64 tensor: a 32-word header (kind, iteration ``n``, layer, up to
-16 small ints, the payload's dtype and shape (up to 6 dims), send and emulated arrival times) followed by an inline
+16 small ints, the payload's dtype and shape (up to 6 dims), the sender's virtual send time and the
+message's virtual delivery time on the run's timeline and on the zero-stall bound's) followed by an inline
 area for payloads up to :data:`INLINE_BYTES` (a decode hidden vector of the embedded model fits).
 Larger payloads follow as a second message with another tag. One message per small exchange keeps
 the per-hop cost low: on gloo a receive posted in advance and one send is the cheapest exchange.
@@ -9,7 +10,13 @@ the per-hop cost low: on gloo a receive posted in advance and one send is the ch
 Receiving: one thread per peer this rank hears from, each blocked in ``dist.recv(src=peer)``
 (any-source receives are several times slower on gloo), files messages into a :class:`Mailbox`
 keyed by (kind, n, layer[, first int]). A peer whose connection breaks is reported by name; so is a
-wait that exceeds the run's timeout.
+wait that exceeds the run's timeout. A message is *physically* in the mailbox when its bytes came; it is
+*used* at its virtual delivery time: :meth:`Comm.receive` advances the rank's clock to it. Decisions that
+depend on which of two messages comes first are taken on virtual times once both physically exist
+(conservative synchronization), never on which one the host happened to deliver first.
+
+Priced bytes: a message costs its payload's bytes on the sender's NIC link, or, under ``timing=modelled``
+at another model's shape, the bytes that model would send (hidden vectors, expert outputs, KV rows).
 
 Messages travel as CPU tensors (on CUDA the runtime stages them through host memory, like the
 paper's "serialize into a packet, deliver over the LAN, deserialize onto the GPU").
@@ -20,6 +27,7 @@ from __future__ import annotations
 import collections
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -28,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from odmoe.device import Nic, now, sleep_until
+from odmoe.clock import Clock
 from odmoe.runtime.layout import Layout
 
 HEADER = 32
@@ -48,10 +56,14 @@ class Kind(IntEnum):
     PREFILL_OUT = 7  # worker -> main: output rows of one chunk (ints: expert, chunk; tensor)
     DONE = 8  # main -> shadow: iteration n finished (ints: next token or -1, first KV row, rows; tensor KV)
     JOB_END = 9  # worker/shadow -> main: per-request statistics (ints and a float64 tensor)
+    SETTLED = 10  # shadow -> main, workers: iteration n's predictions are final at version ints[0]
+
+
+CONTROL = {Kind.STOP, Kind.JOB_END, Kind.SETTLED}  # the emulator's own messages: never priced on a NIC
+ROWS = {Kind.HIDDEN, Kind.OUTPUT, Kind.PREFILL, Kind.PREFILL_OUT}  # payload = hidden-size rows
 
 
 KEYED_BY_FIRST_INT = {Kind.PREFILL, Kind.PREFILL_OUT}
-LATEST_WINS = {Kind.PREDICT}  # a shadow that reruns an iteration corrects its earlier predictions
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.float64]
 _CODE = {d: i for i, d in enumerate(_DTYPES)}
@@ -65,9 +77,9 @@ class Message:
     layer: int
     ints: list[int]
     tensor: torch.Tensor | None
-    sent: float  # sender's wall clock at send
-    arrive: float  # emulated arrival time (0: not emulated)
-    received: float  # when the receive thread had it
+    sent: float  # the sender's clock at send
+    arrive: float  # virtual delivery time (0 under timing=wall)
+    arrive_bound: float  # delivery on the zero-stall bound's timeline
 
     @property
     def key(self) -> tuple:
@@ -89,7 +101,7 @@ class RunAborted(RuntimeError):
 
 
 class Mailbox:
-    """Messages by key, each usable once its emulated arrival time has passed."""
+    """Messages by key, in the order they physically came."""
 
     def __init__(self, timeout: float):
         self.timeout = timeout
@@ -99,10 +111,7 @@ class Mailbox:
 
     def put(self, msg: Message) -> None:
         with self.cond:
-            box = self.boxes[msg.key]
-            if msg.kind in LATEST_WINS:
-                box.clear()
-            box.append(msg)
+            self.boxes[msg.key].append(msg)
             self.cond.notify_all()
 
     def fail(self, error: BaseException) -> None:
@@ -116,17 +125,15 @@ class Mailbox:
             raise self.error
 
     def peek(self, key: tuple) -> Message | None:
-        """The first message under ``key`` if it has arrived (emulated time included), without taking it."""
+        """The first message under ``key`` if it is here, without taking it."""
         with self.cond:
             box = self.boxes.get(key)
-            if box and box[0].arrive <= now():
-                return box[0]
-            return None
+            return box[0] if box else None
 
     def take(self, key: tuple) -> Message | None:
         with self.cond:
             box = self.boxes.get(key)
-            if not box or box[0].arrive > now():
+            if not box:
                 return None
             msg = box.popleft()
             if not box:
@@ -137,38 +144,37 @@ class Mailbox:
         with self.cond:
             self.boxes.pop(key, None)
 
-    def get(self, key: tuple, what: str, peer: str) -> Message:
-        """Block until a message under ``key`` has arrived; after ``timeout`` s name what and whom we waited for."""
-        deadline = now() + self.timeout
+    def all(self, key: tuple) -> list[Message]:
+        """Every message under ``key`` that is here, oldest first, without taking them."""
+        with self.cond:
+            return list(self.boxes.get(key, ()))
+
+    def wait_for(self, key: tuple, what: str, peer: str, until=None) -> Message:
+        """Block until a message under ``key`` is here (without taking it), or until ``until(messages)`` is
+        true; after ``timeout`` s name what and whom we waited for."""
+        deadline = time.monotonic() + self.timeout
         with self.cond:
             while True:
                 self.check()
                 box = self.boxes.get(key)
-                if box:
-                    msg = box[0]
-                    break
-                left = deadline - now()
+                if box and (until is None or until(box)):
+                    return box[0]
+                left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"timed out after {self.timeout:g} s waiting for {what} from {peer}")
                 self.cond.wait(min(left, 0.5))
-        sleep_until(msg.arrive)
-        with self.cond:
-            box = self.boxes[key]
-            box.popleft()
-            if not box:
-                del self.boxes[key]
+
+    def get(self, key: tuple, what: str, peer: str) -> Message:
+        """Block until a message under ``key`` is here and take it."""
+        msg = self.wait_for(key, what, peer)
+        self.take(key)
         return msg
 
     def wait_change(self, seconds: float) -> None:
-        """Sleep until something is put or a message's emulated arrival comes (at most ``seconds``)."""
+        """Sleep until something is put (at most ``seconds``)."""
         with self.cond:
             self.check()
-            t = now()
-            pending = [box[0].arrive for box in self.boxes.values() if box and box[0].arrive > t]
-            if pending:
-                seconds = min(seconds, min(pending) - t)
-            if seconds > 0:
-                self.cond.wait(seconds)
+            self.cond.wait(seconds)
             self.check()
 
     def notify(self) -> None:
@@ -176,7 +182,34 @@ class Mailbox:
             self.cond.notify_all()
 
 
-def _pack(kind, n, layer, ints, tensor, sent, arrive) -> tuple[torch.Tensor, torch.Tensor | None]:
+def predictions(mb: Mailbox, n: int, layer: int, settled: int | None) -> list[Message]:
+    """The shadow's predictions of (n, layer), oldest version first (a speculative shadow that reruns an
+    iteration re-sends them with the next version in ``ints[0]``).
+
+    ``settled=None`` (``timing=wall``): whatever is physically here now. On a virtual clock the caller knows
+    the final version (0 with aligned departure; the SETTLED message's with speculative departure) and this
+    blocks until it is physically here, so every version the shadow will ever send is in hand and the caller
+    can pick by virtual delivery time (conservative synchronization).
+    """
+    key = key_of(Kind.PREDICT, n, layer)
+    if settled is not None:
+        mb.wait_for(
+            key, f"the prediction of layer {layer}", "the shadow", lambda box: box[-1].ints[0] == settled
+        )
+    return mb.all(key)
+
+
+def settled_version(mb: Mailbox, n: int, speculative: bool) -> int:
+    """The final prediction version of iteration ``n``: 0 unless the shadow departs speculatively, in which
+    case its SETTLED message (sent when it applied the alignment of ``n``) says."""
+    if not speculative:
+        return 0
+    return mb.wait_for(key_of(Kind.SETTLED, n), "the settled predictions of an iteration", "the shadow").ints[
+        0
+    ]
+
+
+def _pack(kind, n, layer, ints, tensor, times) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One message buffer (header + inline payload), and the payload to send after it if it is too big.
 
     Built through numpy views: this runs on the critical path twice per layer.
@@ -186,7 +219,7 @@ def _pack(kind, n, layer, ints, tensor, sent, arrive) -> tuple[torch.Tensor, tor
     arr = np.zeros(HEADER + INLINE_BYTES // 8, dtype=np.int64)
     arr[:4] = (int(kind), int(n), int(layer), len(ints))
     arr[4] = -1
-    arr[12:14] = (int(sent * 1e6), int(arrive * 1e6))
+    arr[[12, 13, 15]] = np.asarray(times, dtype=np.float64).view(np.int64)  # sent, arrive, arrive_bound
     arr[16 : 16 + len(ints)] = ints
     payload = None
     if tensor is not None:
@@ -222,15 +255,20 @@ def _unpack(buf: torch.Tensor, src: int, recv_payload: Callable[[int], torch.Ten
             else recv_payload(nbytes)
         )
         tensor = raw.view(dtype).reshape(shape)
-    return Message(Kind(kind), src, n, layer, ints, tensor, h[12] / 1e6, h[13] / 1e6, now())
+    sent, arrive, bound = buf[[12, 13, 15]].numpy().view(np.float64).tolist()
+    return Message(Kind(kind), src, n, layer, ints, tensor, sent, arrive, bound)
 
 
 class Comm:
-    """This rank's messaging: sends (priced by the node's NIC) and a mailbox fed by per-peer threads."""
+    """This rank's messaging: sends (stamped with the rank's clock, priced on its NICs when emulated) and
+    a mailbox fed by per-peer threads. ``nics`` are the (timeline, bound) NIC links of an emulated device;
+    ``costs`` (``timing=modelled``) prices payloads at the cost model's shape."""
 
-    def __init__(self, rank: int, peers: Iterable[int], nic: Nic, timeout: float):
+    def __init__(self, rank: int, peers: Iterable[int], clock: Clock, nics, costs, timeout: float):
         self.rank = rank
-        self.nic = nic
+        self.clock = clock
+        self.nics = nics
+        self.costs = costs
         self.mailbox = Mailbox(timeout)
         self.stopping = False
         self.bytes_sent = 0
@@ -255,8 +293,7 @@ class Comm:
     ) -> None:
         nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
         with self._send_lock:
-            sent = now()
-            buf, payload = _pack(kind, n, layer, ints, tensor, sent, self.nic.arrival(nbytes))
+            buf, payload = _pack(kind, n, layer, ints, tensor, self._stamp(kind, tensor, ints, nbytes))
             try:
                 # isend: gloo's send waits for the receiver's side of the rendezvous; the caller should not
                 # (it is on the critical path). Works complete in order per peer; they are reaped later.
@@ -269,6 +306,29 @@ class Comm:
                 raise PeerLost(f"{Layout.name(dst)} is unreachable ({_short(e)})") from None
             self.bytes_sent += nbytes
             self.messages_sent += 1
+
+    def _stamp(self, kind: Kind, tensor, ints, nbytes: int) -> tuple[float, float, float]:
+        """(send time, delivery, delivery on the bound's timeline) of a message sent now."""
+        t = self.clock.now()
+        if self.nics is None:
+            return t, 0.0, 0.0
+        tb = self.clock.bound()
+        if kind in CONTROL:
+            return t, t, tb
+        priced = nbytes
+        if self.costs is not None and tensor is not None:
+            if kind in ROWS:
+                priced = self.costs.act_bytes(tensor.shape[0])
+            elif kind == Kind.DONE:
+                priced = self.costs.alignment_bytes(int(ints[2]), token=False)
+        nic, nic_bound = self.nics
+        return t, nic.transfer(priced, t), nic_bound.transfer(priced, tb)
+
+    def receive(self, key: tuple, what: str, peer: str) -> Message:
+        """Take the message under ``key`` (blocking) and use it: the clock moves to its delivery."""
+        msg = self.mailbox.get(key, what, peer)
+        self.clock.receive(msg.arrive, msg.arrive_bound)
+        return msg
 
     def _reap(self) -> None:
         dst, work, _ = self._pending.popleft()

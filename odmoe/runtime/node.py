@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from odmoe.clock import Clock, Timing
+from odmoe.costs import Formats, ModelCosts, Pricer, run_costs
 from odmoe.device import Device, make_device
 from odmoe.hardware import HardwareProfile, profile_from_config
 from odmoe.runtime.layout import MAIN, SHADOW, Layout
@@ -50,7 +52,13 @@ class Node:
     out_dir: Path | None
     timeout: float
     run_id: str
+    clock: Clock
+    costs: ModelCosts | None  # timing=modelled: the cost model that prices compute and bytes
     stats: dict[str, Any] = field(default_factory=dict)
+
+    def pricer(self, num_layers: int, kind: str) -> Pricer | None:
+        """Charges modelled compute per layer (None unless ``timing=modelled``)."""
+        return None if self.costs is None else Pricer(self.costs, num_layers, kind)
 
     @property
     def name(self) -> str:
@@ -66,6 +74,10 @@ class Node:
     # ---- failure ---------------------------------------------------------------------------
     def fail(self, error: BaseException | str) -> None:
         """Publish this rank's failure (unless another rank's came first), print one line, exit."""
+        if os.environ.get("ODMOE_DEBUG") and isinstance(error, BaseException):  # the whole story, for developers
+            import traceback
+
+            traceback.print_exception(error, file=sys.stderr)
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         if isinstance(error, BaseException) and type(error).__name__ in (
             "PeerLost",
@@ -200,8 +212,34 @@ def connect(spec: dict[str, Any], layout: Layout, out_dir: Path | None) -> Node:
     )
     profile = profile_from_config(spec["hardware"])
     role = Layout.role(rank)
-    device = make_device(profile, role, torch_device)
+    timing = Timing(**spec["timing"])
+    clock = Clock(timing.mode, timing.scale)
+    costs = run_costs(timing, profile, _model_config(spec), formats_of(spec)) if timing.virtual else None
+    load_bytes = costs.expert_bytes() if costs is not None else None
+    device = make_device(profile, role, torch_device, clock, load_bytes)
     timeout = float(spec["system"].get("timeout_s", 60))
-    comm = Comm(rank, peers(rank, layout), device.nic, timeout)
+    nics = (device.nic, device.nic_bound) if device.emulated else None
+    comm = Comm(rank, peers(rank, layout), clock, nics, costs, timeout)
     run_id = spec.get("run_id") or os.environ.get("TORCHELASTIC_RUN_ID", "run")
-    return Node(spec, rank, layout, profile, torch_device, device, comm, store, out_dir, timeout, run_id)
+    return Node(
+        spec, rank, layout, profile, torch_device, device, comm, store, out_dir, timeout, run_id, clock, costs
+    )
+
+
+DTYPE_FORMATS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def formats_of(spec: dict[str, Any]) -> Formats:
+    """Storage formats of a run (what modelled bytes are priced at): the main model's dtype, the workers'
+    expert dtype, the shadow's precision."""
+    main = DTYPE_FORMATS.get(spec["model"].get("dtype", "float32"), "fp32")
+    s = spec["system"]
+    shadow = s.get("shadow", {}) or {}
+    precision = "fp32" if shadow.get("predictor") == "inverted" else str(shadow.get("precision", "int8"))
+    return Formats(main=main, worker=str(s.get("expert_dtype", "fp32")), shadow=precision, kv=main, act=main)
+
+
+def _model_config(spec: dict[str, Any]):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(spec["model"]["path"], local_files_only=True)

@@ -65,7 +65,7 @@ def exchange(
         worker = Layout.name(layout.worker_rank(layout.prefill_worker(e)))
         ys = []
         for _ in parts:
-            msg = comm.mailbox.get(
+            msg = comm.receive(
                 key_of(Kind.PREFILL_OUT, tick_n, layer, e),
                 f"prefill output of layer {layer} expert {e}",
                 worker,

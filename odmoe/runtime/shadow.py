@@ -9,6 +9,9 @@ Predictors (``system.shadow.predictor``):
   every prediction misses (E >= 2k). Output must not change, only the time.
 * ``random``: k experts drawn uniformly without replacement per layer (Fig. 8 case 5).
 * ``none``: no predictions; workers load after the main node's routing (Fig. 8 case 6).
+* ``oracle``: an exact copy whose compute takes no time and that never waits for alignment (only for the
+  lead cap): every prediction right and as early as the protocol allows. The upper bound of prediction,
+  for tests and what-ifs (the simulator's ``ahead``); not a system.
 
 Each prediction (n, layer, experts) goes to the workers of that layer's group and to the main
 node (which settles slot assignment by set matching, so a whole group agrees on it).
@@ -23,11 +26,19 @@ runs more than one token ahead: it waits for DONE(n-2) (PAPER.md §11 item 8).
 shadow starts iteration n on its own argmax as soon as the lead cap allows, and applies DONE(n-1)
 between layers the moment it arrives (KV rows overwritten in place). If the main node's token differs
 from the one it departed with, it drops the rows it appended and reruns iteration n on the true token,
-re-sending its predictions (counted as ``shadow_restarts``); output is never affected, only timing.
+re-sending its predictions with the next version number (counted as ``shadow_restarts``); output is never
+affected, only timing. On a virtual clock it then tells the main node and the workers which version of the
+iteration is final (SETTLED), so they can pick, by delivery time, the version in force when they decide; and
+"the moment DONE(n-1) arrives" is decided on its virtual delivery time (the shadow blocks until the message
+physically exists, then applies it at the first layer boundary at or after its delivery).
+
+Timing: the shadow's clock advances by its own compute (measured, or the cost model's quantized layers under
+``timing=modelled``) and by the alignment messages it waits for; each prediction leaves at the shadow's time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -35,7 +46,6 @@ import torch
 from transformers import DynamicCache
 
 from odmoe.decoding import next_token
-from odmoe.device import now
 from odmoe.errors import OdmoeError
 from odmoe.models.load import load_model
 from odmoe.predict.sep import Alignment
@@ -45,7 +55,7 @@ from odmoe.runtime.messages import Kind, key_of
 from odmoe.runtime.node import Node, tick
 from odmoe.trace import forward_step
 
-PREDICTORS = ("sep", "inverted", "random", "none")
+PREDICTORS = ("sep", "inverted", "random", "none", "oracle")
 
 
 def request_alignment(node: Node, job: dict) -> Alignment:
@@ -57,6 +67,15 @@ def request_alignment(node: Node, job: dict) -> Alignment:
         cfg.get("kv_positions", "since_last"),
         bool(cfg.get("prompt_kv", False)),
     )
+
+
+def speculative(node: Node, job: dict) -> bool:
+    """Whether the shadow departs speculatively on this request (only a model-running predictor can)."""
+    cfg = {**node.system.get("shadow", {}), **job.get("shadow", {})}
+    departure = cfg.get("departure", "aligned")
+    if departure not in ("aligned", "speculative"):
+        raise OdmoeError(f"unknown shadow departure {departure!r}; use aligned (the paper) or speculative")
+    return departure == "speculative" and cfg.get("predictor", "sep") in ("sep", "inverted")
 
 
 class ShadowNode:
@@ -79,7 +98,7 @@ class ShadowNode:
         self.emitting = False
         self.log: list[tuple[int, int, float]] = []
         self.n = 0
-        if self.kind in ("sep", "inverted"):
+        if self.kind in ("sep", "inverted", "oracle"):
             self._build(cfg)
 
     def _build(self, cfg: dict) -> None:
@@ -89,19 +108,22 @@ class ShadowNode:
         lm = load_model(
             m["name"], m.get("path"), m.get("dtype", "float32"), str(self.node.torch_device), m.get("decode")
         )
-        precision = "fp32" if self.kind == "inverted" else str(cfg.get("precision", "int8"))
+        precision = "fp32" if self.kind in ("inverted", "oracle") else str(cfg.get("precision", "int8"))
         shadow = build_shadow(lm.model, lm.adapter, precision)
         self.model, self.adapter = shadow.model, shadow.adapter
         self.elem = 4 if precision == "fp32" else 2
         self.shape = memory.shape_from_config(self.model.config)
         self.node.device.ledger.set("weights/shadow", shadow.weight_bytes()["total"])
         self.precision = precision
+        self.pricer = None if self.kind == "oracle" else self.node.pricer(self.adapter.num_layers, "shadow")
         for layer in self.adapter.moe_layers:
             compute = self.adapter.experts(layer).odmoe_forward  # the shadow's own (quantized) experts
             self.adapter.set_experts_forward(layer, self._hook(layer, compute))
 
     def _hook(self, layer: int, compute):
         def forward(module, hidden, top_k_index, top_k_weights):
+            if self.pricer is not None:
+                self.node.clock.charge(self.pricer.upto(layer))
             if self.emitting:
                 if self.speculative:
                     self._poll()
@@ -125,16 +147,24 @@ class ShadowNode:
     def _emit(self, layer: int, experts: list[int]) -> None:
         n = tick(self.job, self.n)
         comm = self.node.comm
+        ints = [self.version.get(self.n, 0), *experts]
         for w in self.layout.group_workers(layer):
-            comm.send(Layout.worker_rank(w), Kind.PREDICT, n, layer, experts)
-        comm.send(MAIN, Kind.PREDICT, n, layer, experts)
-        self.log.append((self.n, self.layout.slot_of(layer), now()))
+            comm.send(Layout.worker_rank(w), Kind.PREDICT, n, layer, ints)
+        comm.send(MAIN, Kind.PREDICT, n, layer, ints)
+        self.log.append((self.n, self.layout.slot_of(layer), self.node.clock.now()))
+
+    def _settle(self, it: int, version: int) -> None:
+        """Tell the main node and the workers that ``version`` is iteration ``it``'s final prediction."""
+        self.version[it] = version
+        if self.speculative and self.node.clock.virtual:
+            for r in range(self.layout.world_size):
+                if r != self.node.rank:
+                    self.node.comm.send(r, Kind.SETTLED, tick(self.job, it), 0, [version])
 
     # ---- requests -------------------------------------------------------------------------
     def run(self) -> None:
-        mb = self.node.comm.mailbox
         while True:
-            start = mb.get(key_of(Kind.START), "the next request (START)", Layout.name(MAIN))
+            start = self.node.comm.receive(key_of(Kind.START), "the next request (START)", Layout.name(MAIN))
             job, prompt_len, output_len = start.ints[:3]
             if job < 0:
                 return
@@ -142,22 +172,18 @@ class ShadowNode:
 
     def serve(self, job: int, prompt: list[int], output_len: int) -> None:
         self.job, self.log, self.n, self.restarts = job, [], 0, 0
+        self.version: dict[int, int] = {}  # iteration -> prediction version (restarts so far)
         job_cfg = self.node.spec["jobs"][job]
         self.alignment = request_alignment(self.node, job_cfg)
-        departure = {**self.node.system.get("shadow", {}), **job_cfg.get("shadow", {})}.get(
-            "departure", "aligned"
-        )
-        if departure not in ("aligned", "speculative"):
-            raise OdmoeError(
-                f"unknown shadow departure {departure!r}; use aligned (the paper) or speculative"
-            )
-        self.speculative = departure == "speculative" and self.model is not None
+        self.speculative = speculative(self.node, job_cfg) and self.model is not None
         ledger = self.node.device.ledger
         self.node.device.reset_peak()
         self._consumed = -1  # highest DONE(m) taken
         prefill_peak = self.node.device.peak_bytes()
         if self.kind != "none":
-            prefill_peak = self._decode(job, prompt, output_len)
+            free = self.node.clock.paused() if self.kind == "oracle" else contextlib.nullcontext()
+            with free:  # the oracle's compute takes no time
+                prefill_peak = self._decode(job, prompt, output_len)
         log = torch.tensor(self.log, dtype=torch.float64).reshape(-1, 3)
         cats = ledger.peak_by_category()
         ints = [
@@ -184,9 +210,11 @@ class ShadowNode:
         if self.model is not None:
             self.cache = DynamicCache(config=self.model.config)
             self._context = P
+            self._begin(P, 0)
             logits = forward_step(
                 self.model, torch.tensor([prompt], device=self.node.torch_device), self.cache
             )
+            self._finish()
             own = next_token(self.model, prompt, logits)
             ledger.set("kv", _cache_bytes(self.cache))
             ledger.set("activations", 0)
@@ -202,8 +230,10 @@ class ShadowNode:
                 continue
             al = self.alignment
             due = al.token_at(n) or al.kv_at(n) or (n == 1 and al.prompt_kv)
-            self._consume(n - 1 if due and not self.speculative else n - 2)
+            self._consume(n - 1 if due and not self.speculative and self.kind != "oracle" else n - 2)
             own = self._iteration(n, self.override.pop(n, own))
+        if self.speculative:  # the last iteration's alignment settles it (and may redo it)
+            self._consume(output_len - 2)
         return prefill_peak
 
     def _iteration(self, n: int, token: int) -> int:
@@ -215,9 +245,11 @@ class ShadowNode:
             self.n, self._context = n, self.P + n
             self.emitting = True
             try:
+                self._begin(1, self.P + n - 1)
                 logits = forward_step(
                     self.model, torch.tensor([[token]], device=self.node.torch_device), self.cache
                 )
+                self._finish()
                 break
             except _Restart as r:  # the main node's token differs from the one we departed with
                 _truncate(self.cache, self.P + n - 1)
@@ -229,11 +261,18 @@ class ShadowNode:
         ledger.set("activations", 0)
         return next_token(self.model, self.prompt + [self.used[m] for m in range(1, n + 1)], logits)
 
+    def _begin(self, tokens: int, ctx: int) -> None:
+        if self.pricer is not None:
+            self.pricer.begin(tokens, ctx)
+
+    def _finish(self) -> None:
+        if self.pricer is not None:
+            self.node.clock.charge(self.pricer.finish())
+
     def _consume(self, upto: int) -> None:
         """Take and apply DONE(m) for every m <= ``upto`` not yet taken (blocking)."""
-        mb = self.node.comm.mailbox
         for m in range(self._consumed + 1, upto + 1):
-            msg = mb.get(
+            msg = self.node.comm.receive(
                 key_of(Kind.DONE, tick(self.job, m)), f"the end of iteration {m} (DONE)", Layout.name(MAIN)
             )
             self._apply(m, msg, during=None)
@@ -248,11 +287,15 @@ class ShadowNode:
         if msg.tensor is not None and self.cache is not None:
             _overwrite_kv(self.cache, msg.tensor, msg.ints[1], msg.ints[2])
         token, it = msg.ints[0], m + 1
+        version = self.version.get(it, 0)
         if token < 0 or self.model is None:
+            self._settle(it, version)
             return
         if it not in self.used:
             self.override[it] = token  # aligned before departure: the paper's protocol
+            self._settle(it, version)
         elif self.used[it] != token:
+            self._settle(it, version + 1)
             if during == it:
                 raise _Restart(token)
             # iteration m + 1 already ran on a wrong token (speculative): redo it before going on
@@ -261,13 +304,23 @@ class ShadowNode:
             self._iteration(it, token)
             self.n = saved
             self.restarts += 1
+        else:
+            self._settle(it, version)
 
     def _poll(self) -> None:
-        """Speculative departure: apply the pending alignment as soon as it arrives, between layers."""
+        """Speculative departure: apply the pending alignment as soon as it is delivered, between layers
+        (on a virtual clock: once it physically exists and its delivery time has come)."""
         m = self.n - 1
         if self._consumed == m - 1:
-            msg = self.node.comm.mailbox.take(key_of(Kind.DONE, tick(self.job, m)))
+            mb, clock = self.node.comm.mailbox, self.node.clock
+            key = key_of(Kind.DONE, tick(self.job, m))
+            if clock.virtual:
+                msg = mb.wait_for(key, f"the end of iteration {m} (DONE)", Layout.name(MAIN))
+                if msg.arrive > clock.now():
+                    return
+            msg = mb.take(key)
             if msg is not None:
+                clock.receive(msg.arrive, msg.arrive_bound)
                 self._apply(m, msg, during=self.n)
 
 

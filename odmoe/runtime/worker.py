@@ -15,21 +15,29 @@ it holds in each layer its group serves. A job's expert is known
 and the load starts as soon as a slot is free. The HIDDEN message carries the main node's final
 assignment (set matching, :func:`odmoe.runtime.layout.resolve`); a slot holding another expert is
 reloaded on the critical path: that wait is the *stall*, measured here and sent back with the output.
+
+On a virtual clock (``timing=measured|modelled``) "which came first" is decided on virtual delivery times:
+the worker waits until both the hidden state and the prediction of a job physically exist, then issues
+the load at ``max(slot free, first delivery)``, loading the truth if the hidden state was delivered by then
+and the prediction in force otherwise. Its copy engine serves jobs in job order (a later job's prefetch
+queues behind an earlier job's reload), as the simulator's schedule does.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
-from odmoe.device import Load, now
+from odmoe.device import Load
 from odmoe.models.adapter import swiglu_expert
 from odmoe.models.load import load_model
 from odmoe.runtime import memory
 from odmoe.runtime.layout import MAIN, Layout
-from odmoe.runtime.messages import Kind, key_of
+from odmoe.runtime.messages import Kind, key_of, predictions, settled_version
 from odmoe.runtime.node import JOB_STRIDE, Node, tick
+from odmoe.runtime.shadow import speculative
 
 EXPERT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -45,6 +53,7 @@ class Job:
     load: Load | None = None
     from_prediction: bool = False
     reloads: int = 0
+    issued: float = 0.0  # virtual clock: when the job's (first) load was issued
 
 
 class WorkerNode:
@@ -76,6 +85,8 @@ class WorkerNode:
         node.device.alloc_slots(self.layout.slots, self.gate_up_numel + self.h * self.f, self.dtype)
         node.device.on_done = lambda _load: node.comm.mailbox.notify()
         self.free_slots = list(range(self.layout.slots))
+        self.pricer = node.pricer(self.layout.moe_layers[-1] + 1, "main")
+        self.predicts = node.system.get("shadow", {}).get("predictor", "sep") != "none"
 
     # ---- one request ---------------------------------------------------------------------
     def jobs(self, job: int, output_len: int) -> list[Job]:
@@ -91,47 +102,21 @@ class WorkerNode:
         return out
 
     def run(self) -> None:
-        mb = self.node.comm.mailbox
         while True:
-            start = mb.get(key_of(Kind.START), "the next request (START)", Layout.name(MAIN))
+            start = self.node.comm.receive(key_of(Kind.START), "the next request (START)", Layout.name(MAIN))
             job, _prompt_len, output_len = start.ints[:3]
             if job < 0:
                 return
+            self.speculative = speculative(self.node, self.node.spec["jobs"][job])
             self.serve(job, output_len)
 
     def serve(self, job: int, output_len: int) -> None:
-        dev, mb = self.node.device, self.node.comm.mailbox
+        dev = self.node.device
         dev.reset_peak()
         loads0, bytes0 = dev.loads, dev.bytes_loaded
         jobs = self.jobs(job, output_len)
-        stalls = reloads = 0
-        prefill_peak = None
-        for i, head in enumerate(jobs):
-            if not head.prefill and prefill_peak is None:
-                prefill_peak = dev.peak_bytes()
-                dev.reset_peak()
-            deadline = now() + self.node.timeout
-            while True:
-                self._issue(jobs, i)
-                if head.prefill and head.load is not None:
-                    break
-                if not head.prefill and mb.peek(key_of(Kind.HIDDEN, head.n, head.layer)) is not None:
-                    break
-                if now() > deadline:
-                    what = f"the hidden state of iteration {head.n % JOB_STRIDE} layer {head.layer}"
-                    raise TimeoutError(
-                        f"timed out after {self.node.timeout:g} s waiting for {what} from {Layout.name(MAIN)}"
-                    )
-                mb.wait_change(0.05)
-            if head.prefill:
-                self._serve_prefill(head)
-            else:
-                stall, reload = self._serve_decode(head)
-                stalls += stall > 0
-                reloads += reload
-                mb.discard(key_of(Kind.PREDICT, head.n, head.layer))
-            self.free_slots.append(head.slot)
-            self.free_slots.sort()
+        serve = self._serve_virtual if self.node.clock.virtual else self._serve_wall
+        stalls, reloads, prefill_peak = serve(jobs)
         if prefill_peak is None:
             prefill_peak = dev.peak_bytes()
         cats = dev.ledger.peak_by_category()
@@ -149,6 +134,116 @@ class WorkerNode:
         ]
         self.node.comm.send(MAIN, Kind.JOB_END, tick(job, 0), self.node.rank, ints)
 
+    # ---- virtual clock: decisions on delivery times -------------------------------------------
+    def _serve_virtual(self, jobs: list[Job]) -> tuple[int, int, int | None]:
+        dev, clock = self.node.device, self.node.clock
+        slot_free = [clock.now()] * self.layout.slots  # START is here: prefill loads may begin
+        stalls = reloads = 0
+        prefill_peak = None
+        for i, job in enumerate(jobs):
+            job.slot = i % self.layout.slots
+            if job.prefill:
+                job.expert = job.position
+                job.load = dev.load(job.slot, self.store[(job.layer, job.expert)], at=slot_free[job.slot])
+                self._serve_prefill(job)
+            else:
+                if prefill_peak is None:
+                    prefill_peak = dev.peak_bytes()
+                    dev.reset_peak()
+                stall, reload = self._decode_virtual(job, slot_free[job.slot])
+                stalls += stall > 0
+                reloads += reload
+            slot_free[job.slot] = clock.now()
+        return stalls, reloads, prefill_peak
+
+    def _decode_virtual(self, job: Job, free_at: float) -> tuple[float, int]:
+        mb, dev = self.node.comm.mailbox, self.node.device
+        what = f"the hidden state of iteration {job.n % JOB_STRIDE} layer {job.layer}"
+        hidden = mb.wait_for(key_of(Kind.HIDDEN, job.n, job.layer), what, Layout.name(MAIN))
+        truth = hidden.ints[job.position]
+        preds = []
+        if self.predicts:
+            preds = predictions(mb, job.n, job.layer, settled_version(mb, job.n, self.speculative))
+        known = min([hidden.arrive, *(m.arrive for m in preds)])
+        issue = max(free_at, known)
+        in_force = [m for m in preds if m.arrive <= issue]
+        if hidden.arrive <= issue or not in_force:
+            job.expert, job.from_prediction = truth, False
+        else:
+            job.expert, job.from_prediction = in_force[-1].ints[1 + job.position], True
+        job.load = dev.load(job.slot, self.store[(job.layer, job.expert)], at=issue)
+        job.issued = issue
+        reload = 0
+        if job.expert != truth:  # misprediction: the truth is loaded once the hidden state brings it
+            job.load = dev.load(job.slot, self.store[(job.layer, truth)], at=hidden.arrive)
+            job.expert, reload = truth, 1
+        self._finish_decode_job(job)
+        return self._compute_decode(job, hidden, reload)
+
+    def _finish_decode_job(self, job: Job) -> None:
+        """Forget a decode job's messages once this worker's last position of (n, layer) is decided."""
+        if job.position != self.layout.positions(self.w, job.layer)[-1]:
+            return
+        mb = self.node.comm.mailbox
+        mb.discard(key_of(Kind.PREDICT, job.n, job.layer))
+        if job.layer == self.layout.served_layers(self.w)[-1]:
+            mb.discard(key_of(Kind.SETTLED, job.n))
+
+    def _compute_decode(self, job: Job, hidden, reload: int) -> tuple[float, int]:
+        """Use the hidden state, wait for the expert, compute, send the output back."""
+        clock = self.node.clock
+        if job.position == self.layout.positions(self.w, job.layer)[-1]:
+            self.node.comm.mailbox.discard(key_of(Kind.HIDDEN, job.n, job.layer))
+        clock.receive(hidden.arrive, hidden.arrive_bound)
+        if clock.virtual:
+            stall = clock.wait_copy(job.load.done)
+        else:
+            arrived = time.perf_counter()
+            self._await(job)
+            stall = max(0.0, time.perf_counter() - arrived)
+        t0 = clock.now()
+        y = self._compute(job.slot, hidden.tensor.to(self.node.torch_device))
+        compute = clock.now() - t0
+        hit = int(job.from_prediction and not reload)
+        net_in = hidden.arrive - hidden.sent if clock.virtual else 0.0
+        lead = hidden.arrive - job.issued if clock.virtual else 0.0  # the copy's head start (Eq. 1's slack)
+        ints = [job.expert, job.position, hit, int(job.from_prediction), reload]
+        ints += [_ns(stall), _ns(compute), _ns(net_in), _ns(lead)]
+        self.node.comm.send(MAIN, Kind.OUTPUT, job.n, job.layer, ints, y)
+        return stall, reload
+
+    # ---- wall clock: decisions on what has physically arrived ---------------------------------
+    def _serve_wall(self, jobs: list[Job]) -> tuple[int, int, int | None]:
+        dev, mb = self.node.device, self.node.comm.mailbox
+        stalls = reloads = 0
+        prefill_peak = None
+        for i, head in enumerate(jobs):
+            if not head.prefill and prefill_peak is None:
+                prefill_peak = dev.peak_bytes()
+                dev.reset_peak()
+            deadline = time.monotonic() + self.node.timeout
+            while True:
+                self._issue(jobs, i)
+                if head.prefill and head.load is not None:
+                    break
+                if not head.prefill and mb.peek(key_of(Kind.HIDDEN, head.n, head.layer)) is not None:
+                    break
+                if time.monotonic() > deadline:
+                    what = f"the hidden state of iteration {head.n % JOB_STRIDE} layer {head.layer}"
+                    raise TimeoutError(
+                        f"timed out after {self.node.timeout:g} s waiting for {what} from {Layout.name(MAIN)}"
+                    )
+                mb.wait_change(0.05)
+            if head.prefill:
+                self._serve_prefill(head)
+            else:
+                stall, reload = self._serve_decode(head)
+                stalls += stall > 0
+                reloads += reload
+            self.free_slots.append(head.slot)
+            self.free_slots.sort()
+        return stalls, reloads, prefill_peak
+
     # ---- loads ---------------------------------------------------------------------------
     def _target(self, job: Job) -> tuple[int | None, bool]:
         """The expert a job should load now and whether it comes from a prediction."""
@@ -158,9 +253,9 @@ class WorkerNode:
         hidden = mb.peek(key_of(Kind.HIDDEN, job.n, job.layer))
         if hidden is not None:
             return hidden.ints[job.position], False
-        pred = mb.peek(key_of(Kind.PREDICT, job.n, job.layer))
-        if pred is not None:
-            return pred.ints[job.position], True
+        preds = predictions(mb, job.n, job.layer, None)
+        if preds:
+            return preds[-1].ints[1 + job.position], True
         return None, False
 
     def _issue(self, jobs: list[Job], head: int) -> None:
@@ -191,6 +286,8 @@ class WorkerNode:
             "activations", memory.worker_activation_bytes(rows, self.h, self.f, buf.element_size())
         )
         y = swiglu_expert(x.to(buf.dtype), gate_up, down, self.act).to(x.dtype)
+        if self.pricer is not None:
+            self.node.clock.charge(self.pricer.expert(rows))
         self.node.device.ledger.set("activations", 0)
         return y
 
@@ -199,11 +296,16 @@ class WorkerNode:
             raise TimeoutError(f"an expert load did not finish within {self.node.timeout:g} s")
 
     def _serve_prefill(self, job: Job) -> None:
-        mb, comm = self.node.comm.mailbox, self.node.comm
-        self._await(job)
+        comm, clock = self.node.comm, self.node.clock
+        if not clock.virtual:
+            self._await(job)
         key = key_of(Kind.PREFILL, job.n, job.layer, job.position)
         while True:
-            msg = mb.get(key, f"prefill rows of layer {job.layer} expert {job.position}", Layout.name(MAIN))
+            msg = comm.receive(
+                key, f"prefill rows of layer {job.layer} expert {job.position}", Layout.name(MAIN)
+            )
+            if clock.virtual:
+                clock.wait_copy(job.load.done)
             expert, chunk, last = msg.ints[:3]
             x = msg.tensor.to(self.node.torch_device)
             y = self._compute(job.slot, x) if x.shape[0] else x
@@ -212,41 +314,20 @@ class WorkerNode:
                 return
 
     def _serve_decode(self, job: Job) -> tuple[float, int]:
-        mb = self.node.comm.mailbox
-        key = key_of(Kind.HIDDEN, job.n, job.layer)
-        hidden = mb.peek(
-            key
-        )  # arrived: the wait loop saw it; shared by this worker's positions of (n, layer)
-        if job.position == self.layout.positions(self.w, job.layer)[-1]:
-            mb.discard(key)
-        arrived = now()
-        expert = hidden.ints[job.position]
+        """Wall clock: the hidden state is here (the wait loop saw it); reload on a misprediction."""
+        hidden = self.node.comm.mailbox.peek(key_of(Kind.HIDDEN, job.n, job.layer))
+        truth = hidden.ints[job.position]
         reload = 0
         if job.load is None:  # no prediction came in time: load after routing
             job.slot = self.free_slots.pop(0)
-            self._start(job, expert)
-        elif job.expert != expert:  # misprediction: reload on the critical path
+            self._start(job, truth)
+        elif job.expert != truth:  # misprediction: reload on the critical path
             self._await(job)
-            self._start(job, expert)
+            self._start(job, truth)
             reload = 1
-        self._await(job)
-        ready = now()
-        stall = max(0.0, ready - arrived)
-        t0 = now()
-        y = self._compute(job.slot, hidden.tensor.to(self.node.torch_device))
-        compute = now() - t0
-        hit = int(job.from_prediction and not reload)
-        ints = [
-            expert,
-            job.position,
-            hit,
-            int(job.from_prediction),
-            reload,
-            int(stall * 1e6),
-            int(compute * 1e6),
-            int((arrived - hidden.sent) * 1e6),
-            int((hidden.received - hidden.sent) * 1e6),  # real transport to this worker's receive thread
-            int((max(hidden.arrive, hidden.sent) - hidden.sent) * 1e6),  # the emulated LAN delay
-        ]
-        self.node.comm.send(MAIN, Kind.OUTPUT, job.n, job.layer, ints, y)
-        return stall, reload
+        self._finish_decode_job(job)
+        return self._compute_decode(job, hidden, reload)
+
+
+def _ns(seconds: float) -> int:
+    return int(round(seconds * 1e9))

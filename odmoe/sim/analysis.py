@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from odmoe.sim.costs import Formats
+from odmoe.costs import Formats
 from odmoe.sim.distributed import Layout, ODMoEConfig
 from odmoe.sim.shapes import FORMAT_BYTES, ModelShape
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from odmoe.costs import Formats, ModelCosts
 from odmoe.hardware import HardwareProfile
 from odmoe.sim import recall
-from odmoe.sim.costs import Formats, ModelCosts
 from odmoe.sim.distributed import ODMoEConfig, simulate_decode
 from odmoe.sim.offload import simulate_cached
 from odmoe.sim.paper import CALIBRATION

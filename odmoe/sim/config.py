@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from odmoe.costs import Formats, ModelCosts, load_measured
 from odmoe.errors import OdmoeError
 from odmoe.hardware import HardwareProfile, profile_from_config
 from odmoe.sim import recall as rc
-from odmoe.sim.costs import Formats, ModelCosts, load_measured
 from odmoe.sim.distributed import ODMoEConfig
 from odmoe.sim.shapes import SIM_MODELS_DIR, ModelShape, load_shape, shape_from_config
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from odmoe.costs import Link
 from odmoe.errors import OdmoeError
 
 PHASES = ("prefill", "decode")
@@ -81,36 +82,29 @@ def replay(
     costs: dict[str, LayerCosts],
     bandwidth: float | None,
     latency: float = 0.0,
-    host_slowdown: float = 1.0,
 ) -> ReplayResult:
     """One request (the rows of one ``request`` of each table) on ``costs`` (by phase) and the link."""
     if len(transfers) and not bandwidth:
         raise OdmoeError("the record has host->device copies but the hardware profile has no h2d_bandwidth")
-    duration = {
-        int(i): latency + b / bandwidth for i, b in zip(transfers.transfer, transfers.bytes, strict=True)
-    }
+    nbytes = dict(zip(transfers.transfer.astype(int), transfers.bytes, strict=True))
+    link = Link(bandwidth or 1.0, setup=latency)
     arrival: dict[int, float] = {}
-    link_free = 0.0
 
     def issue(ids, at: float) -> None:
-        nonlocal link_free
         for i in ids:
-            start = max(at, link_free)
-            link_free = arrival[int(i)] = start + duration[int(i)]
+            arrival[int(i)] = link.transfer(nbytes[int(i)], at)
 
     t = stall = 0.0
     ttft = prefill_stall = math.nan
     by_step = {s: g for s, g in layers.sort_index().groupby("step", sort=True)}
     for step in sorted(steps.step):
         c = costs["prefill" if step == 0 else "decode"]
-        compute = 0.0
         for row in by_step.get(step, layers.iloc[:0]).itertuples():
             t += c.main[row.layer] + c.plan[row.layer]
             for j, i in enumerate(row.demand):  # each lookup's bookkeeping precedes its copy
                 issue([i], t + (j + 1) / len(row.demand) * c.demand[row.layer])
             t += c.demand[row.layer] + c.prefetch[row.layer]
             issue(row.prefetch, t)
-            compute += c.main[row.layer] + c.plan[row.layer] + c.demand[row.layer] + c.prefetch[row.layer]
             deferred = list(zip(row.deferred_after, row.deferred, strict=True))
             order = list(row.waits) if len(row.waits) else [-1] * int(row.computed)
             for done, i in enumerate(order):
@@ -118,8 +112,7 @@ def replay(
                 ready = arrival[int(i)] if i >= 0 else 0.0
                 stall += max(0.0, ready - t)
                 t = max(t, ready) + c.expert[row.layer]
-                compute += c.expert[row.layer]
-        t += c.tail + (host_slowdown - 1.0) * (compute + c.tail)
+        t += c.tail
         if step == 0:
             ttft, prefill_stall = t, stall
     return ReplayResult(ttft, t - ttft, stall - prefill_stall, prefill_stall)

@@ -1,4 +1,8 @@
-"""How long each step takes: the only place where model shapes meet hardware numbers.
+"""How long each step takes and how links queue: the one cost and link model of odmoe.
+
+Shared by every executor: the simulator's schedulers (``odmoe.sim``), and, under ``timing=modelled``, the
+OD-MoE runtime's ranks and the offload engine (``odmoe.clock``); every host->device copy and every network
+message of every executor and of the simulator queues on a :class:`Link`.
 
 The schedulers (``odmoe.sim.odmoe``, ``odmoe.sim.offload``) ask a ``Costs`` object for durations and never look
 at shapes or profiles themselves, so the same schedule runs on
@@ -48,6 +52,46 @@ class Formats:
                 raise OdmoeError(
                     f"unknown {role} format {getattr(self, role)!r}; use one of {', '.join(FORMAT_BYTES)}"
                 )
+
+
+class Link:
+    """One FIFO transfer resource: a host->device copy engine or one direction of a NIC.
+
+    A transfer of ``nbytes`` issued at ``at`` starts when the link is free, occupies it for
+    ``setup + nbytes / bandwidth`` and is delivered ``propagation`` later. A copy engine has a per-copy
+    ``setup`` (``h2d_latency``) and no propagation; a NIC serializes at ``net_bandwidth`` and every message
+    then travels ``net_latency`` (messages carry their payload bytes only; headers are not priced).
+    """
+
+    def __init__(self, bandwidth: float, setup: float = 0.0, propagation: float = 0.0):
+        if not bandwidth or bandwidth <= 0:
+            raise OdmoeError(f"link bandwidth must be positive, got {bandwidth}")
+        self.bandwidth, self.setup, self.propagation = float(bandwidth), float(setup), float(propagation)
+        self.free_at = 0.0
+        self.busy = 0.0
+        self.bytes_moved = 0
+
+    @classmethod
+    def h2d(cls, hw: HardwareProfile) -> Link:
+        hw.need("h2d_bandwidth")
+        return cls(hw.h2d_bandwidth, setup=hw.h2d_latency or 0.0)
+
+    @classmethod
+    def nic(cls, hw: HardwareProfile) -> Link:
+        hw.need("net_bandwidth", "net_latency")
+        return cls(hw.net_bandwidth, propagation=hw.net_latency)
+
+    def transfer(self, nbytes: float, at: float) -> float:
+        """Queue ``nbytes`` at time ``at``; returns the delivery time."""
+        start = at if at > self.free_at else self.free_at
+        seconds = self.setup + nbytes / self.bandwidth
+        self.free_at = start + seconds
+        self.busy += seconds
+        self.bytes_moved += int(nbytes)
+        return self.free_at + self.propagation
+
+    def reset(self, at: float = 0.0) -> None:
+        self.free_at = at
 
 
 def roofline(dev: Device, nbytes: float, flops: float) -> float:
@@ -135,15 +179,16 @@ class ModelCosts:
         p = self.shape.head_params
         return roofline(self.hw.main, p * self._b(self.fmt.main), 2 * p * tokens)
 
-    def shadow(self, layer: int, ctx: int = 0) -> float:
-        """S_l: one whole layer of the quantized shadow (attention + its own top-k experts) for one token."""
+    def shadow(self, layer: int, ctx: int = 0, tokens: int = 1) -> float:
+        """S_l: one whole layer of the quantized shadow (attention + its own top-k experts) for ``tokens`` tokens."""
         s = self.shape
-        nbytes, flops = self._attention_work(layer, 1, ctx, self.fmt.shadow)
+        nbytes, flops = self._attention_work(layer, tokens, ctx, self.fmt.shadow)
         if self._is_moe[layer]:
+            active = s.top_k if tokens == 1 else min(s.num_experts, s.top_k * tokens)
             nbytes += (
-                s.top_k * self._expert_bytes[self.fmt.shadow] + self._shared * FORMAT_BYTES[self.fmt.shadow]
+                active * self._expert_bytes[self.fmt.shadow] + self._shared * FORMAT_BYTES[self.fmt.shadow]
             )
-            flops += 2 * (s.top_k * s.expert_params + self._shared)
+            flops += 2 * (s.top_k * s.expert_params + self._shared) * tokens
         return self.hw.layer_overhead + roofline(self.hw.shadow, nbytes, flops)
 
     def shadow_head(self) -> float:
@@ -326,3 +371,67 @@ def load_measured(path: str | Path, base) -> MeasuredCosts:
     if (table[[c for c in MEASURED_COLUMNS if c in table]] < 0).any().any():
         raise OdmoeError(f"{path}: negative durations; times are seconds >= 0")
     return MeasuredCosts(base, table)
+
+
+class Pricer:
+    """Modelled compute of one executor's forward steps, layer by layer (``timing=modelled``).
+
+    Executed decoder layer ``i`` is priced as layer ``i mod L`` of the priced shape (``L`` its depth), so an
+    embedded model can run the real tokens, routing and predictions while the clock charges, say,
+    Mixtral-8x7B's bytes and FLOPs per layer (:attr:`depth_scale` says how many priced layers one executed
+    layer stands for, for reports at the shape's depth). ``kind`` says who computes a layer: ``main`` (attention,
+    norms, router; shared experts are charged apart, after the dispatch), ``shadow`` (a whole quantized layer)
+    or ``cached`` (a whole layer with its experts resident on one device).
+    """
+
+    def __init__(self, costs: ModelCosts, num_layers: int, kind: str = "main"):
+        if kind not in ("main", "shadow", "cached"):
+            raise OdmoeError(f"unknown pricer kind {kind!r}")
+        self.costs, self.num_layers, self.kind = costs, num_layers, kind
+        self.depth_scale = costs.shape.num_layers / num_layers
+        self.tokens, self.ctx, self.next = 1, 0, 0
+
+    def begin(self, tokens: int, ctx: int) -> None:
+        """A forward step over ``tokens`` new tokens after ``ctx`` cached positions."""
+        self.tokens, self.ctx, self.next = tokens, ctx, 0
+
+    def _one(self, layer: int) -> float:
+        c, j = self.costs, layer % self.costs.shape.num_layers
+        if self.kind == "shadow":
+            return c.shadow(j, self.ctx, self.tokens)
+        if self.kind == "cached":
+            return c.cached_layer(j, self.tokens, self.ctx)
+        return c.main(j, self.tokens, self.ctx)
+
+    def upto(self, layer: int) -> float:
+        """Every layer not yet priced, up to and including ``layer``."""
+        t = sum(self._one(i) for i in range(self.next, layer + 1))
+        self.next = max(self.next, layer + 1)
+        return t
+
+    def finish(self) -> float:
+        """The layers after the last MoE layer and the LM head (one position's logits)."""
+        head = self.costs.shadow_head() if self.kind == "shadow" else self.costs.head(1)
+        return self.upto(self.num_layers - 1) + head
+
+    def shared(self) -> float:
+        """The shared experts of one MoE layer on the main node (0 for shapes without them)."""
+        return self.costs.shared(self.tokens)
+
+    def expert(self, tokens: int, first: bool = True, fmt: str | None = None, on: str = "worker") -> float:
+        """One expert over ``tokens`` rows: on a worker, or (``on="device"``) resident on an offload engine's
+        single device at format ``fmt``; the per-call overhead is paid by a call's first expert."""
+        c = self.costs
+        t = c.expert(1, tokens) if on == "worker" else c.gpu_experts(1, tokens, fmt)
+        return t if first else t - c.expert_overhead
+
+
+def run_costs(timing, hw: HardwareProfile, config, formats: Formats | None = None) -> ModelCosts | None:
+    """The cost model of a run under ``timing=modelled`` (None otherwise): ``timing.shape`` if set, else the
+    executed model's own shape (from its transformers config)."""
+    if getattr(timing, "mode", timing) != "modelled":
+        return None
+    from odmoe.sim.shapes import load_shape, shape_from_config
+
+    shape = load_shape(timing.shape) if timing.shape else shape_from_config(config)
+    return ModelCosts(shape, hw, formats)
