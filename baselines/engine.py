@@ -32,7 +32,7 @@ import torch
 from transformers import DynamicCache
 
 from baselines.cache import Entry, EvictionContext, ExpertCache, Key
-from baselines.lowbit import nf4_roundtrip
+from baselines.lowbit import ExpertFormat, make_format, packed_bytes
 from baselines.timing import Clock, Ledger, make_link
 from odmoe.decoding import next_token
 from odmoe.errors import OdmoeError
@@ -42,7 +42,7 @@ from odmoe.models.load import LoadedModel
 from odmoe.record import ExecutorRecord
 from odmoe.trace import check_length, forward_step
 
-FORMATS = ("fp32", "nf4")
+FORMATS = ("fp32", "nf4", "hqq2", "hqq3")  # baselines.lowbit
 
 # plan: (expert, fmt) -> (token_idx, top_k_pos) LongTensors, in the eager loop's order
 Plan = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
@@ -148,6 +148,16 @@ class Policy:
     def eviction_extra(self, engine: OffloadEngine) -> dict:
         return {}
 
+    def install(self, engine: OffloadEngine) -> None:
+        """Changes to the model beyond the expert hook (Mixtral-Offloading's 4-bit attention)."""
+
+    def uninstall(self, engine: OffloadEngine) -> None:
+        """Undo :meth:`install` (the model is shared with the other systems)."""
+
+    def report(self) -> dict:
+        """Result-row fields describing the system's offline calibration (``calib_size``, ``calibration``)."""
+        return {}
+
 
 class OffloadEngine:
     """A single-device MoE decoder serving routed experts from a cache (see module docstring)."""
@@ -164,8 +174,10 @@ class OffloadEngine:
         self.act = self.adapter.experts(self.layers[0]).act_fn
         self.link = make_link(hardware, self.device) if policy.offload and policy.on_device else None
         self.emulated = self.device.type != "cuda"
-        self.fmt_bytes = {f: self.adapter.expert_bytes(f) for f in FORMATS}
+        self.formats: dict[str, ExpertFormat] = {}
         self.host = self._host_store({policy.fmt, policy.low_fmt} - {None})
+        # stored bytes of one expert per format in use: what the cache holds and the link moves
+        self.fmt_bytes = {f: packed_bytes(self.host[(self.layers[0], 0, f)]) for f in self.formats}
         self.timer = time.perf_counter if self.device.type == "cuda" else time.process_time
         self.clock = Clock(self.timer)
         self.stats = Stats()
@@ -180,24 +192,25 @@ class OffloadEngine:
         policy.engine = self
         self.reset_cache()
         self._install()
+        policy.install(self)
 
     # ---- setup -----------------------------------------------------------------------------
-    def _host_store(self, formats: Iterable[str]) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
-        """Host copies of every expert in each format the policy uses (low-bit ones made once)."""
+    def _host_store(self, formats: Iterable[str]) -> dict[Key, tuple[torch.Tensor, ...]]:
+        """Host copies of every expert in each format the policy uses, packed once (``baselines.lowbit``):
+        the link moves these tensors; the expert computation unpacks them (dequantization is compute)."""
         store = {}
         pin = self.device.type == "cuda"
-        for fmt in formats:
+        for fmt in sorted(formats):
             if fmt not in FORMATS:
                 raise OdmoeError(f"unknown expert format {fmt!r}; use one of {', '.join(FORMATS)}")
+            self.formats[fmt] = make_format(fmt)
             for layer in self.layers:
                 for e in range(self.adapter.num_experts):
                     w = self.adapter.expert_weights(layer, e)
-                    gu, dn = w.gate_up.detach(), w.down.detach()
-                    if fmt == "nf4":
-                        gu, dn = nf4_roundtrip(gu), nf4_roundtrip(dn)
+                    packed = self.formats[fmt].pack(w.gate_up.detach().cpu(), w.down.detach().cpu())
                     if pin:
-                        gu, dn = gu.cpu().pin_memory(), dn.cpu().pin_memory()
-                    store[(layer, e, fmt)] = (gu, dn)
+                        packed = tuple(t.pin_memory() for t in packed)
+                    store[(layer, e, fmt)] = packed
         return store
 
     def reset_cache(self) -> None:
@@ -224,6 +237,7 @@ class OffloadEngine:
 
     def uninstall(self) -> None:
         self.adapter.clear_experts_forward()
+        self.policy.uninstall(self)
 
     def _hook(self, layer: int):
         def forward(module, hidden, top_k_index, top_k_weights):
@@ -345,7 +359,7 @@ class OffloadEngine:
             waits.append(entry.transfer)
             _, e, fmt = entry.key
             token_idx, pos = plan[(e, fmt)]
-            gate_up, down = entry.weights
+            gate_up, down = self.formats[fmt].unpack(entry.weights)  # dequantization, timed as compute
             y = swiglu_expert(hidden[token_idx], gate_up, down, self.act)
             results[(e, fmt)] = y * w[token_idx, pos, None]
             self.tick += 1

@@ -136,6 +136,7 @@ def run_system(
                     "lossy": engine.policy.lossy,
                     "expert_format": engine.policy.fmt,
                     "timing_emulated": engine.emulated,
+                    **engine.policy.report(),
                 }
             )
         return rows

@@ -74,7 +74,7 @@ def test_replay_charges_host_slowdown():
     "name,cfg",
     [
         ("mixtral_offloading", dict(quantize="none", experts_per_layer=2, prefetch=2, writeback=True)),
-        ("moe_infinity", dict(cache_fraction=0.1, prefetch_per_layer=2, warmup_prompts=1)),
+        ("moe_infinity", dict(cache_fraction=0.1, prefetch_per_layer=2, eamc_traces=8)),
         ("cached", {}),
     ],
 )
