@@ -3,32 +3,34 @@ BASELINES.md §2.4). AdapMoE is built on Mixtral-Offloading's code (HQQ experts,
 
 What the original does, and where it is here:
 
-* **Sensitivity-based adaptive gating** (paper §4.1; ``benchmarks/run_acc_benchmark.py``, ``run.py``):
-  a token's second expert is dropped at layer l when its weight w2 < tau_l = sqrt(budget / S_l) (the
-  code's ``math.sqrt(threshold / weight[idx])``), the kept weight renormalized to 1 (top-1 fallback,
-  ``src/custom_layers.py``). S_l is the layer's sensitivity: the second-order (Fisher) estimate of the
-  loss increase per unit w2², measured on calibration-split text (``baselines.calibrate.moe_sensitivity``
-  gives the derivation). ``sensitivity_budget`` (default 0.005, ``run.py``'s threshold) is the largest
-  predicted loss increase, in nats, one drop may cost. The share of dropped experts is an outcome
-  (``skipped_share``), never tuned. ``sensitivity_budget: 0`` turns gating off.
-* **Adaptive prefetch** (paper §4.2; ``SparseMoeWrapper.forward``): during decode, the gates of layers
-  l+1, l+2, ... (up to ``prefetch_depth``) are applied to layer l's state, top-2 each, nearest layer
-  first; the first predicted expert not already cached is prefetched — one per layer, as the code's
-  ``experts.check`` loop. The public code looks one layer ahead (``range(1, 2)``); the paper looks
-  further when the next layer's predicted experts are already resident (default depth 3).
-* **DP cache allocation across layers** (paper §4.3; ``src/dp.py``): per-layer LRU cache sizes s_l
-  minimizing sum_l f_l(s_l) with sum_l s_l = the budget, f_l(s) the expected demand loads per token of
-  ``dp.py``'s ``f`` (uniform expert use, one prefetch of accuracy acc_l, a share top1_l of tokens using
-  one expert), generalized from 8 experts to E. acc_l and top1_l are measured on the calibration set
-  (``dp.py`` hard-codes Mixtral's).
+* **Sensitivity-based adaptive gating** (paper: adaptive sensitivity-based expert gating;
+  ``benchmarks/run_acc_benchmark.py``, ``run.py``): a token's second expert is dropped at layer l when its
+  weight w2 < tau_l = sqrt(budget / S_l) (the code's ``math.sqrt(threshold / weight[idx])``), the kept weight
+  renormalized to 1 (top-1 fallback, ``src/custom_layers.py``). S_l is the layer's sensitivity: the
+  second-order (Fisher) estimate of the loss increase per unit w2², measured on calibration-split text
+  (``baselines.calibrate.moe_sensitivity`` gives the derivation). ``sensitivity_budget`` (default 0.005,
+  ``run.py``'s threshold) is the largest predicted loss increase, in nats, one drop may cost. The share of
+  dropped experts is an outcome (``skipped_share``), never tuned. ``sensitivity_budget: 0`` turns gating off.
+* **Adaptive prefetch** (paper: adaptive expert prefetching; ``SparseMoeWrapper.forward``): during decode, the
+  gates of layers l+1, l+2, ... (up to ``prefetch_depth``) are applied to layer l's state, top-2 each, nearest
+  layer first; the first predicted expert not already cached is prefetched — one per layer, as the code's
+  ``experts.check`` loop. The public code's loop over layers ahead stops at l+1 (``range(1, 2)``); depth 3
+  (our choice) lets it reach further when the next layers' predictions are resident.
+* **DP cache allocation across layers** (paper: dynamic cache allocation; ``src/dp.py``): per-layer LRU cache
+  sizes s_l minimizing sum_l f_l(s_l) with sum_l s_l = the budget, f_l(s) the expected demand loads per token
+  of ``dp.py``'s ``f`` (uniform expert use, one prefetch of accuracy acc_l, a share top1_l of tokens using one
+  expert), generalized from 8 experts to E. acc_l and top1_l are measured on the calibration set (``dp.py``
+  hard-codes Mixtral's).
 * **HQQ** as ``run.py`` configures it: experts 2-bit, group 16 (``quantize: hqq2``; ``none`` = fp32),
   attention 4-bit, group 64 (``attention: hqq4``; ``none`` = fp32); ``baselines/lowbit.py``.
-* Budget ``cache_fraction`` of all experts (default 0.44: (8 GB - about 1.6 GB of 4/16-bit non-expert
-  weights) / 57 MB 2-bit experts = 112 of 256).
+* Budget ``cache_fraction`` of all experts (default 0.44: (8 GB - about 1.6 GB of 4/16-bit non-expert weights)
+  / 57 MB 2-bit experts = 112 of 256).
 
-Deviations: the calibration scripts are unreleased, so S_l is computed with our Fisher derivation (its
-units may differ from the published weights, so the same budget need not drop the same share);
+Deviations: the calibration scripts are unreleased, so S_l is computed with our Fisher derivation (its units
+may differ from the published weights, so the same budget need not drop the same share);
 dequantize-then-matmul in PyTorch instead of Triton kernels (no GPU kernel on the CPU testbed).
+
+
 """
 
 from __future__ import annotations

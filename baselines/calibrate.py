@@ -64,8 +64,8 @@ def _expert_difference(adapter, layer: int, x: torch.Tensor, idx: torch.Tensor) 
 
 
 def moe_sensitivity(lm: LoadedModel, num: int = 8, seq_len: int = 128) -> Sensitivity:
-    """AdapMoE's layer sensitivity (arXiv 2408.10284 §4.1) on ``num`` calibration windows of
-    ``seq_len`` tokens, teacher-forced.
+    """AdapMoE's layer sensitivity (arXiv 2408.10284, adaptive sensitivity-based expert gating) on ``num``
+    calibration windows of ``seq_len`` tokens, teacher-forced.
 
     Dropping token t's second expert at layer l changes the layer's output by Δ = w2 d_t with
     d_t = E1(u_t) - E2(u_t). To second order, with the Hessian of the loss approximated by the
@@ -139,13 +139,13 @@ def calibration_windows(tokenizer, length: int, num: int) -> list[tuple[int, ...
 
 @torch.no_grad()
 def eam_collection(lm: LoadedModel, num: int, prompt_len: int = 32, output_len: int = 32) -> np.ndarray:
-    """MoE-Infinity's offline trace (arXiv 2401.14361 §4; ``load_trace`` in
-    ``moe_infinity/memory/expert_tracer.py``): one expert activation matrix [L, E] (tokens routed to
-    each expert, prompt and continuation) per calibration request, ``num`` requests ->
-    [n, L, E], n = ``num`` or every window the calibration split holds if fewer. A request is a calibration window of ``prompt_len + output_len`` tokens run
-    teacher-forced in one forward pass: the routing of the corpus's own continuation stands in for the
-    model's generated tokens (one pass per request keeps a collection of 1000 requests to seconds).
-    Cached on the loaded model."""
+    """MoE-Infinity's offline trace (arXiv 2401.14361, expert activation tracing; ``load_trace`` in
+    ``moe_infinity/memory/expert_tracer.py``): one expert activation matrix [L, E] (tokens routed to each
+    expert, prompt and continuation) per calibration request -> [n, L, E], n = ``num`` or every window the
+    calibration split holds if fewer. A request is a calibration window of ``prompt_len + output_len`` tokens
+    run teacher-forced in one forward pass: the routing of the corpus's own continuation stands in for the
+    model's generated tokens (one pass per request keeps a collection of 1000 requests to seconds). Cached on
+    the loaded model."""
     key = ("eamc", num, prompt_len, output_len)
     cache = lm.__dict__.setdefault("_baselines_calib", {})
     if key not in cache:

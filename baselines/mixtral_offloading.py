@@ -3,25 +3,26 @@ BASELINES.md §2.1).
 
 What the original does, and where it is here:
 
-* **Per-layer LRU expert cache** (paper §3.1; ``src/expert_cache.py``: one eviction group per layer,
-  ``offload_per_layer`` of the E experts off the GPU): ``experts_per_layer`` = k_c resident experts per
-  layer, LRU within the layer. Default 4 of 8, the demo notebook's ``offload_per_layer = 4`` (the 16 GB
-  setting; consistent with the 11 GB OD-MoE measured).
-* **Speculative expert loading** (paper §3.2, absent from the public code): layer l+1's gate applied to
-  layer l's hidden state, its top-``prefetch`` experts (default 2) loaded into layer l+1's cache while
-  layer l computes (decode).
-* **HQQ mixed quantization** (paper §3.3; ``notebooks/demo.ipynb``): experts HQQ 2-bit, group 16, with
-  8-bit quantized scales and zeros (``quantize: hqq2``; ``hqq3`` = the paper's 3-bit experts;
-  ``none`` = fp32, lossless); attention projections HQQ 4-bit, group 64 (``attention: hqq4``; ``none``
-  keeps them fp32). Through the ``hqq`` package (``baselines/lowbit.py``). The host holds the packed
-  experts, the link moves the packed bytes, and each use dequantizes them inside the timed expert
-  computation (the original's Triton kernels dequantize inside the matmul).
-* **Eviction** by discard (default, ``writeback: false``); ``writeback: true`` reproduces the public
-  code's ``_swap``, which copies the evicted expert back over the same link before each load.
+* **Per-layer LRU expert cache** (paper: LRU caching; ``src/expert_cache.py``: one eviction group per layer,
+  ``offload_per_layer`` of the E experts off the GPU): ``experts_per_layer`` = k_c resident experts per layer,
+  LRU within the layer. Default 4 of 8, the demo notebook's ``offload_per_layer = 4`` (the 16 GB setting;
+  consistent with the 11 GB OD-MoE measured).
+* **Speculative expert loading** (paper: speculative expert loading; absent from the public code): layer l+1's
+  gate applied to layer l's hidden state, its top-``prefetch`` experts (default 2) loaded into layer l+1's
+  cache while layer l computes (decode).
+* **HQQ mixed quantization** (paper: mixed MoE quantization; ``notebooks/demo.ipynb``): experts HQQ 2-bit,
+  group 16, with 8-bit quantized scales and zeros (``quantize: hqq2``; ``hqq3`` = the paper's 3-bit experts;
+  ``none`` = fp32, lossless); attention projections HQQ 4-bit, group 64 (``attention: hqq4``; ``none`` keeps
+  them fp32). Through the ``hqq`` package (``baselines/lowbit.py``). The host holds the packed experts, the
+  link moves the packed bytes, and each use dequantizes them inside the timed expert computation (the
+  original's Triton kernels dequantize inside the matmul).
+* **Eviction** by discard (default, ``writeback: false``); ``writeback: true`` reproduces the public code's
+  ``_swap``, which copies the evicted expert back over the same link before each load.
 
-Deviations: dequantize-then-fp32-matmul in PyTorch instead of fused Triton kernels (no GPU kernel on
-the CPU testbed); the router, embeddings and norms stay fp32 where the original keeps them fp16 (the
-embedded model is fp32).
+Deviations: dequantize-then-fp32-matmul in PyTorch instead of fused Triton kernels (no GPU kernel on the CPU
+testbed); the router, embeddings and norms stay fp32 where the original keeps them fp16 (the embedded model is
+fp32).
+
 """
 
 from __future__ import annotations

@@ -3,25 +3,27 @@ BASELINES.md §2.2), the paper's design.
 
 What the original does, and where it is here:
 
-* **Request-level activation tracing** (paper §4; ``memory/expert_tracer.py``): the running request's
-  expert activation matrix (EAM) is matched against an EAM collection (EAMC) of capacity
-  ``eamc_capacity`` (default 1000, the code's ``trace_capacity``). The collection is traced **offline**
-  before serving (``load_trace``): ``eamc_traces`` calibration-split requests (default 1000, the
-  capacity; the calibration split holds fewer 64-token requests, so all of them are traced and the
-  row's ``calib_size`` says how many), never the evaluation prompts (``baselines.calibrate.eam_collection``).
-  Served requests join the collection in its free slots, then replace the least-accessed online entry.
-* **Activation-aware prefetch** (paper §4.2; the prefetch the public code never calls, issue #66): after
-  each decode layer, up to ``prefetch_per_layer`` (default 2 = top-k) not-resident experts of any later
-  layer, in descending decayed score of the matched EAM.
-* **Activation-aware caching** (paper §4.3): evict the expert with the lowest decayed matched score
-  (cyclic layer distance, our extension for decode), ties least recently used.
+* **Request-level activation tracing** (paper: sequence-level expert activation tracing;
+  ``memory/expert_tracer.py``): the running request's expert activation matrix (EAM) is matched against an EAM
+  collection (EAMC) of capacity ``eamc_capacity`` (default 1000, the code's ``trace_capacity``). The
+  collection is traced **offline** before serving (``load_trace``): ``eamc_traces`` calibration-split requests
+  (default 1000, the capacity; the calibration split holds fewer 64-token requests, so all of them are traced
+  and the row's ``calib_size`` says how many), never the evaluation prompts
+  (``baselines.calibrate.eam_collection``). Served requests join the collection in its free slots, then
+  replace the least-accessed online entry.
+* **Activation-aware prefetch** (paper: activation-aware expert prefetching; the prefetch the public code
+  never calls, issue #66): after each decode layer, up to ``prefetch_per_layer`` (default 2 = top-k)
+  not-resident experts of any later layer, in descending decayed score of the matched EAM.
+* **Activation-aware caching** (paper: activation-aware expert caching): evict the expert with the lowest
+  decayed matched score (cyclic layer distance, our extension for decode), ties least recently used.
 * No quantization, no skipping: lossless; experts fp32 (the model's precision).
-* One global cache of ``cache_fraction`` of all experts (default 0.20: (21.5 GB - 3.3 GB of FP16
-  non-expert weights) / 352 MB FP16 experts = 52 of Mixtral's 256 experts).
+* One global cache of ``cache_fraction`` of all experts (default 0.20: (21.5 GB - 3.3 GB of FP16 non-expert
+  weights) / 352 MB FP16 experts = 52 of Mixtral's 256 experts).
 
-Deviations: an offline request is a calibration window run teacher-forced (its continuation is the
-corpus's, not the model's own decode); matching runs on the host CPU in numpy (the original on the GPU),
-so its cost is on the measured compute.
+Deviations: an offline request is a calibration window run teacher-forced (its continuation is the corpus's,
+not the model's own decode); matching runs on the host CPU in numpy (the original on the GPU), so its cost is
+on the measured compute.
+
 """
 
 from __future__ import annotations

@@ -49,9 +49,9 @@ class StackedGates:
 
 
 class ActivationMatrixTracer:
-    """MoE-Infinity's request-level tracing (arXiv 2401.14361 §4; ``moe_infinity/memory/expert_tracer.py``):
-    the current request's expert activation matrix (EAM, L x E token counts, prompt and decode) matched
-    against a collection of EAMs (EAMC).
+    """MoE-Infinity's request-level tracing (arXiv 2401.14361, expert activation tracing;
+    ``moe_infinity/memory/expert_tracer.py``): the current request's expert activation matrix (EAM, L x E
+    token counts, prompt and decode) matched against a collection of EAMs (EAMC).
 
     * The collection starts with the offline trace (``load``: persistent entries, never replaced) and has
       room for ``capacity`` entries; a finished request fills a free slot, else replaces the least
