@@ -4,13 +4,14 @@ BASELINES.md §2.4). AdapMoE is built on Mixtral-Offloading's code (HQQ experts,
 What the original does, and where it is here:
 
 * **Sensitivity-based adaptive gating** (paper: adaptive sensitivity-based expert gating;
-  ``benchmarks/run_acc_benchmark.py``, ``run.py``): a token's second expert is dropped at layer l when its
-  weight w2 < tau_l = sqrt(budget / S_l) (the code's ``math.sqrt(threshold / weight[idx])``), the kept weight
-  renormalized to 1 (top-1 fallback, ``src/custom_layers.py``). S_l is the layer's sensitivity: the
-  second-order (Fisher) estimate of the loss increase per unit w2², measured on calibration-split text
-  (``baselines.calibrate.moe_sensitivity`` gives the derivation). ``sensitivity_budget`` (default 0.005,
-  ``run.py``'s threshold) is the largest predicted loss increase, in nats, one drop may cost. The share of
-  dropped experts is an outcome (``skipped_share``), never tuned. ``sensitivity_budget: 0`` turns gating off.
+  ``benchmarks/run_acc_benchmark.py``, ``run.py``): during decode (as ``src/custom_layers.py``), a token's
+  second expert is dropped at layer l when its weight w2 < tau_l = sqrt(budget / S_l) (the code's
+  ``math.sqrt(threshold / weight[idx])``), the kept weight renormalized to 1 (top-1 fallback,
+  ``src/custom_layers.py``). S_l is the layer's sensitivity: the second-order (Fisher) estimate of the loss
+  increase per unit w2², measured on calibration-split text (``baselines.calibrate.moe_sensitivity`` gives the
+  derivation). ``sensitivity_budget`` (default 0.005, ``run.py``'s threshold) is the largest predicted loss
+  increase, in nats, one drop may cost. The share of dropped experts is an outcome (``skipped_share``), never
+  tuned. ``sensitivity_budget: 0`` turns gating off.
 * **Adaptive prefetch** (paper: adaptive expert prefetching; ``SparseMoeWrapper.forward``): during decode, the
   gates of layers l+1, l+2, ... (up to ``prefetch_depth``) are applied to layer l's state, top-2 each, nearest
   layer first; the first predicted expert not already cached is prefetched — one per layer, as the code's
@@ -29,8 +30,6 @@ What the original does, and where it is here:
 Deviations: the calibration scripts are unreleased, so S_l is computed with our Fisher derivation (its units
 may differ from the published weights, so the same budget need not drop the same share);
 dequantize-then-matmul in PyTorch instead of Triton kernels (no GPU kernel on the CPU testbed).
-
-
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ import torch
 from baselines.cache import LRU
 from baselines.calibrate import moe_sensitivity
 from baselines.engine import Policy, full_plan
-from baselines.lowbit import quantize_attention, restore_attention
+from baselines.mixtral_offloading import HQQAttention
 from baselines.predict import StackedGates
 from odmoe.errors import OdmoeError
 
@@ -92,7 +91,7 @@ def dp_cache_sizes(cost: np.ndarray, budget: int) -> list[int]:
     return sizes[::-1]
 
 
-class AdapMoE(Policy):
+class AdapMoE(HQQAttention, Policy):
     name = "adapmoe"
 
     def __init__(
@@ -103,6 +102,7 @@ class AdapMoE(Policy):
         prefetch: bool = True,
         prefetch_depth: int = 3,
         attention: str = "hqq4",
+        calibration: dict | None = None,
     ):
         if quantize not in QUANTIZE:
             raise OdmoeError(f"adapmoe.quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
@@ -115,19 +115,11 @@ class AdapMoE(Policy):
         self.depth = int(prefetch_depth)
         self.attention = attention
         self.gates = None
-        self._swapped: list = []
+        self.calibration = calibration  # what the thresholds and sizes were derived from (report)
 
     @property
     def lossy(self) -> bool:
         return self.fmt != "fp32" or self.attention != "none" or any(t > 0 for t in self.taus)
-
-    def install(self, engine):
-        if self.attention != "none":
-            self._swapped = quantize_attention(engine.model, self.attention)
-
-    def uninstall(self, engine):
-        restore_attention(self._swapped)
-        self._swapped = []
 
     def capacity(self, engine):
         return {
@@ -139,7 +131,7 @@ class AdapMoE(Policy):
 
     def plan(self, engine, layer, hidden, idx, w):
         tau = self.taus[engine.layers.index(layer)]
-        if tau <= 0 or idx.shape[1] < 2:
+        if tau <= 0 or idx.shape[1] < 2 or idx.shape[0] != 1:  # decode only, as src/custom_layers.py
             return full_plan(idx, self.fmt), w
         keep = adaptive_keep(w, tau)
         w = w * keep
@@ -147,7 +139,7 @@ class AdapMoE(Policy):
         return full_plan(idx, self.fmt, keep), w
 
     def report(self) -> dict:
-        cal = getattr(self, "calibration", None)
+        cal = self.calibration
         if cal is None:
             return {}
         taus = ", ".join(f"{t:.2f}" for t in self.taus)
@@ -184,18 +176,17 @@ def build(cfg: dict, lm, hardware) -> AdapMoE:
     )
     slots = max(L, round(float(cfg.get("cache_fraction", 0.44)) * L * E))
     sizes = dp_cache_sizes(cost, slots)
-    policy = AdapMoE(
+    return AdapMoE(
         sizes,
         list(taus),
         cfg.get("quantize", "hqq2"),
         cfg.get("prefetch", True),
         cfg.get("prefetch_depth", 3),
         cfg.get("attention", "hqq4"),
+        calibration={
+            "sensitivity": sens.sensitivity.tolist(),
+            "prefetch_accuracy": sens.prefetch_accuracy.tolist(),
+            "top1_share": top1.tolist(),
+            "calib_tokens": sens.tokens,
+        },
     )
-    policy.calibration = {
-        "sensitivity": sens.sensitivity.tolist(),
-        "prefetch_accuracy": sens.prefetch_accuracy.tolist(),
-        "top1_share": top1.tolist(),
-        "calib_tokens": sens.tokens,
-    }
-    return policy

@@ -23,7 +23,6 @@ Checked against the paper (issue 14): the rules above match its description; no 
 fp32/NF4 stand for FP16/INT4 (the embedded model is fp32; NF4 is the 4-bit format of this toolkit); the
 cache-score weights are unpublished (equal weights here); the cumulative-weight rule is our reading of the
 importance thresholds (BASELINES.md §2.3).
-
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ What the original does, and where it is here:
 Deviations: dequantize-then-fp32-matmul in PyTorch instead of fused Triton kernels (no GPU kernel on the CPU
 testbed); the router, embeddings and norms stay fp32 where the original keeps them fp16 (the embedded model is
 fp32).
-
 """
 
 from __future__ import annotations
@@ -36,7 +35,23 @@ from odmoe.errors import OdmoeError
 QUANTIZE = {"hqq2": "hqq2", "hqq3": "hqq3", "nf4": "nf4", "none": "fp32"}
 
 
-class MixtralOffloading(Policy):
+class HQQAttention:
+    """Mixtral-Offloading's 4-bit HQQ attention (``attention: hqq4``), swapped into the shared model while
+    the engine lives (AdapMoE, built on the same code, uses it too)."""
+
+    attention = "none"
+    _swapped: tuple = ()
+
+    def install(self, engine):
+        if self.attention != "none":
+            self._swapped = quantize_attention(engine.model, self.attention)
+
+    def uninstall(self, engine):
+        restore_attention(self._swapped)
+        self._swapped = []
+
+
+class MixtralOffloading(HQQAttention, Policy):
     name = "mixtral_offloading"
 
     def __init__(
@@ -59,19 +74,10 @@ class MixtralOffloading(Policy):
         self.num_prefetch = int(prefetch)
         self.writeback = bool(writeback)
         self.gates = None
-        self._swapped: list = []
 
     @property
     def lossy(self) -> bool:
         return self.fmt != "fp32" or self.attention != "none"
-
-    def install(self, engine):
-        if self.attention != "none":
-            self._swapped = quantize_attention(engine.model, self.attention)
-
-    def uninstall(self, engine):
-        restore_attention(self._swapped)
-        self._swapped = []
 
     def capacity(self, engine):
         size = self.experts_per_layer * engine.fmt_bytes[self.fmt]

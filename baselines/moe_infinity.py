@@ -23,7 +23,6 @@ What the original does, and where it is here:
 Deviations: an offline request is a calibration window run teacher-forced (its continuation is the corpus's,
 not the model's own decode); matching runs on the host CPU in numpy (the original on the GPU), so its cost is
 on the measured compute.
-
 """
 
 from __future__ import annotations

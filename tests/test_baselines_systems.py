@@ -153,7 +153,8 @@ def test_lossy_policies_report_lower_agreement(setup):
     # skipping every missed expert flips the micro model's greedy tokens; NF4 alone or top-1 gating need
     # not on 48 tokens of this very repetitive model (on tiny-mixtral AdapMoE's agreement is 0.57)
     assert rows["hobbit"]["agreement"] < 1.0 and rows["hobbit"]["skipped_share"] > 0
-    assert rows["adapmoe"]["skipped_share"] > 0.4  # every second expert dropped in decode
+    # every second expert of every decode step dropped (prefill keeps top-2): 92 of 248 slots a request
+    assert rows["adapmoe"]["skipped_share"] == pytest.approx(92 / 248)
     assert rows["mixtral_offloading"]["expert_format"] == "hqq2" and rows["adapmoe"]["calib_size"] == 256
 
 

@@ -237,7 +237,7 @@ def test_e2e_experiment_runs_every_system(micro_mixtral_dir, tmp_path):
     cmd = [
         sys.executable, "-m", "experiments.run", "+exp=e2e", "system=odmoe", "model=micro-mixtral",
         "system.workers=4", "exp.workloads=[[8,6]]", "exp.num_prompts=1", "exp.ppl_tokens=16",
-        "exp.overrides={moe_infinity: {eamc_traces: 16}, adapmoe: {calib_sequences: 2}}",
+        "++exp.overrides={moe_infinity: {eamc_traces: 16}, adapmoe: {calib_sequences: 2}}",
         f"results_dir={tmp_path}", "run=t",
     ]  # fmt: skip
     out = subprocess.run(cmd, cwd=repo_root(), capture_output=True, text=True, timeout=600)
