@@ -19,10 +19,12 @@ sections.
 * One global cache of ``cache_fraction`` of all experts' high-precision bytes (default 0.21: (22 GB - 3.3 GB)
   / 352 MB = 53 of 256 FP16-expert equivalents).
 
-Checked against the paper (issue 14): the rules above match its description; no change was needed. Deviations:
-fp32/NF4 stand for FP16/INT4 (the embedded model is fp32; NF4 is the 4-bit format of this toolkit); the
-cache-score weights are unpublished (equal weights here); the cumulative-weight rule is our reading of the
-importance thresholds (BASELINES.md §2.3).
+Checked for issue 14 against the paper's description of these mechanisms (its abstract and BASELINES.md
+§2.3; the full text was not reachable offline): they match; no change was needed.
+
+Deviations: fp32/NF4 stand for FP16/INT4 (the embedded model is fp32; NF4 is the 4-bit format of this
+toolkit); the cache-score weights are unpublished (equal weights here); the cumulative-weight rule is our
+reading of the importance thresholds (BASELINES.md §2.3).
 """
 
 from __future__ import annotations
