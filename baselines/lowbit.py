@@ -72,7 +72,8 @@ def nf4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def nf4_values(codes: torch.Tensor, absmax: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """fp32 values of NF4 ``codes`` [N] with their blocks' ``absmax``, reshaped to ``shape``."""
     pad = (-codes.numel()) % BLOCKSIZE
-    values = torch.nn.functional.pad(NF4_CODE[codes.long()], (0, pad)).view(-1, BLOCKSIZE) * absmax[:, None]
+    code = NF4_CODE.to(codes.device)
+    values = torch.nn.functional.pad(code[codes.long()], (0, pad)).view(-1, BLOCKSIZE) * absmax[:, None]
     return values.reshape(-1)[: math.prod(shape)].view(shape)
 
 
@@ -245,7 +246,10 @@ class HQQLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, cfg: HQQConfig):
         super().__init__()
         m = HQQMatrix(linear.weight, cfg)
-        self.packed = torch.nn.ParameterList(torch.nn.Parameter(t, requires_grad=False) for t in m.tensors)
+        device = linear.weight.device
+        self.packed = torch.nn.ParameterList(
+            torch.nn.Parameter(t.to(device), requires_grad=False) for t in m.tensors
+        )
         self.static = m.static
         self.bias = linear.bias
         self.original = [linear]  # a list, so the fp32 layer is not a submodule (nor counted)
