@@ -6,10 +6,10 @@ it caches, predicts, quantizes or skips:
 ==================== ============================================================================
 ``cached``           fully cached (every expert resident): the upper bound
 ``cpu_only``         llama.cpp-style: all experts computed from host memory on the CPU, no device
-``mixtral_offloading`` re-implementation of Mixtral-Offloading (per-layer LRU, next-gate prefetch, NF4)
-``moe_infinity``     re-implementation of MoE-Infinity (activation-matrix tracing, prefetch, eviction)
+``mixtral_offloading`` re-implementation of Mixtral-Offloading (per-layer LRU, next-gate prefetch, HQQ)
+``moe_infinity``     re-implementation of MoE-Infinity (offline EAM collection, prefetch, eviction)
 ``hobbit``           re-implementation of HOBBIT (stacked gates, mixed precision on a miss, multidim cache)
-``adapmoe``          re-implementation of AdapMoE (adaptive gating, next-gate prefetch, DP cache sizes)
+``adapmoe``          re-implementation of AdapMoE (sensitivity gating, adaptive prefetch, DP cache sizes)
 ==================== ============================================================================
 
 Entry points for experiments (``+exp=e2e`` runs them beside OD-MoE, ``experiments/e2e.py``)::

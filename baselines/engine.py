@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache
 
 from baselines.cache import Entry, EvictionContext, ExpertCache, Key
-from baselines.lowbit import nf4_roundtrip
+from baselines.lowbit import ExpertFormat, make_format, packed_bytes
 from baselines.timing import make_link
 from odmoe.clock import Clock, Timing
 from odmoe.costs import Formats, Pricer, run_costs
@@ -48,7 +48,7 @@ from odmoe.models.load import LoadedModel
 from odmoe.record import ExecutorRecord
 from odmoe.trace import check_length, forward_step
 
-FORMATS = ("fp32", "nf4")
+FORMATS = ("fp32", "nf4", "hqq2", "hqq3")  # baselines.lowbit
 
 # plan: (expert, fmt) -> (token_idx, top_k_pos) LongTensors, in the eager loop's order
 Plan = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
@@ -154,6 +154,16 @@ class Policy:
     def eviction_extra(self, engine: OffloadEngine) -> dict:
         return {}
 
+    def install(self, engine: OffloadEngine) -> None:
+        """Changes to the model beyond the expert hook (Mixtral-Offloading's 4-bit attention)."""
+
+    def uninstall(self, engine: OffloadEngine) -> None:
+        """Undo :meth:`install` (the model is shared with the other systems)."""
+
+    def report(self) -> dict:
+        """Result-row fields describing the system's offline calibration (``calib_size``, ``calibration``)."""
+        return {}
+
 
 class OffloadEngine:
     """A single-device MoE decoder serving routed experts from a cache (see module docstring)."""
@@ -185,8 +195,10 @@ class OffloadEngine:
                 "(timing=measured or modelled, e.g. hardware=cpu-emulated); timing=wall needs a GPU"
             )
         self.link = make_link(hardware, self.device, self.clock) if offloads else None
-        self.fmt_bytes = {f: self.adapter.expert_bytes(f) for f in FORMATS}
+        self.formats: dict[str, ExpertFormat] = {}
         self.host = self._host_store({policy.fmt, policy.low_fmt} - {None})
+        # stored bytes of one expert per format in use: what the cache holds and the link moves
+        self.fmt_bytes = {f: packed_bytes(self.host[(self.layers[0], 0, f)]) for f in self.formats}
         costs = run_costs(self.timing, hardware, self.model.config, Formats(main="fp32"))
         self.pricer = None if costs is None else Pricer(costs, self.num_layers, "main")
         # modelled at another shape: bytes scale with the priced shape's expert size
@@ -202,6 +214,7 @@ class OffloadEngine:
         policy.engine = self
         self.reset_cache()
         self._install()
+        policy.install(self)
 
     # ---- setup -----------------------------------------------------------------------------
     def _new_clock(self) -> Clock:
@@ -219,22 +232,22 @@ class OffloadEngine:
         """Time on the clock spent computing (stalls excluded): the per-layer record's times."""
         return self.clock.now() - self.clock.stall
 
-    def _host_store(self, formats: Iterable[str]) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
-        """Host copies of every expert in each format the policy uses (low-bit ones made once)."""
+    def _host_store(self, formats: Iterable[str]) -> dict[Key, tuple[torch.Tensor, ...]]:
+        """Host copies of every expert in each format the policy uses, packed once (``baselines.lowbit``):
+        the link moves these tensors; the expert computation unpacks them (dequantization is compute)."""
         store = {}
         pin = self.device.type == "cuda"
-        for fmt in formats:
+        for fmt in sorted(formats):
             if fmt not in FORMATS:
                 raise OdmoeError(f"unknown expert format {fmt!r}; use one of {', '.join(FORMATS)}")
+            self.formats[fmt] = make_format(fmt)
             for layer in self.layers:
                 for e in range(self.adapter.num_experts):
                     w = self.adapter.expert_weights(layer, e)
-                    gu, dn = w.gate_up.detach(), w.down.detach()
-                    if fmt == "nf4":
-                        gu, dn = nf4_roundtrip(gu), nf4_roundtrip(dn)
+                    packed = self.formats[fmt].pack(w.gate_up.detach().cpu(), w.down.detach().cpu())
                     if pin:
-                        gu, dn = gu.cpu().pin_memory(), dn.cpu().pin_memory()
-                    store[(layer, e, fmt)] = (gu, dn)
+                        packed = tuple(t.pin_memory() for t in packed)
+                    store[(layer, e, fmt)] = packed
         return store
 
     def reset_cache(self) -> None:
@@ -261,6 +274,7 @@ class OffloadEngine:
 
     def uninstall(self) -> None:
         self.adapter.clear_experts_forward()
+        self.policy.uninstall(self)
 
     def _hook(self, layer: int):
         def forward(module, hidden, top_k_index, top_k_weights):
@@ -383,7 +397,7 @@ class OffloadEngine:
             waits.append(entry.transfer)
             _, e, fmt = entry.key
             token_idx, pos = plan[(e, fmt)]
-            gate_up, down = entry.weights
+            gate_up, down = self.formats[fmt].unpack(entry.weights)  # dequantization, timed as compute
             y = swiglu_expert(hidden[token_idx], gate_up, down, self.act)
             if self.pricer is not None:
                 nbytes = entry.nbytes * self.byte_scale

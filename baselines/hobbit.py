@@ -1,20 +1,30 @@
-"""Re-implementation of HOBBIT (Tang et al., arXiv 2411.01433; BASELINES.md §2.3) in PyTorch. HOBBIT has
-no public code (it is built on llama.cpp); this follows the paper's three mechanisms.
+"""Re-implementation of HOBBIT (Tang et al., arXiv 2411.01433; BASELINES.md §2.3) in PyTorch. HOBBIT has no
+public code (it is built on llama.cpp); this follows the three mechanisms of its abstract and design
+sections.
 
-* Token level, dynamic mixed-precision loading *on a miss*: a token's routed experts sorted by gate
-  weight; c = summed weight of higher-ranked experts; high precision if c < ``t1``, low precision if
-  ``t1`` <= c < ``t2``, skipped if c >= ``t2`` (defaults 0.6 / 0.9, the reported thresholds). A resident
-  high-precision copy is always used; a skipped expert whose low copy is resident uses it. Skipped
-  weights are dropped, not renormalized. High = fp32 (the model's precision; Mixtral's FP16), low = NF4
-  (Mixtral's INT4). ``t1 = t2 > 1`` turns every trick off (lossless).
-* Layer level, stacked-gate prefetch: the routers of the next ``depth`` layers (default 3; "up to 4")
-  in one GEMM; predicted experts prefetched at the precision the same rule gives their predicted
-  weights, nearest layer first (decode).
-* Sequence level, multidimensional cache holding both precisions: evict the lowest
-  recency + frequency + high-precision uses - layer distance (normalized terms, equal weights; the
-  paper's weights are unpublished).
-* One global cache of ``cache_fraction`` of all experts' high-precision bytes (default 0.21:
-  (22 GB - 3.3 GB) / 352 MB = 53 of 256 FP16-expert equivalents).
+* **Token level, dynamic mixed-precision loading on a miss** (paper: token-level dynamic expert loading): a
+  token's routed experts sorted by gate weight; c = summed weight of higher-ranked experts; high precision if
+  c < ``t1``, low precision if ``t1`` <= c < ``t2``, skipped if c >= ``t2`` (defaults 0.6 / 0.9, the reported
+  thresholds). Only a *miss* is replaced: a resident high-precision copy is always used, whatever the class; a
+  low-class or skip-class expert whose low copy is resident uses it. Skipped weights are dropped, not
+  renormalized. High = fp32 (the model's precision; Mixtral's FP16), low = NF4 (Mixtral's INT4), both packed
+  on the host and dequantized at compute (``baselines/lowbit.py``). ``t1 = t2 > 1`` turns every trick off.
+* **Layer level, stacked-gate adaptive prefetch** (paper: layer-level adaptive expert prefetching): the
+  routers of the next ``depth`` layers (default 3; "up to 4") in one GEMM on the current state; each predicted
+  expert prefetched at the precision the same rule gives its predicted weight (a predicted skip is not
+  loaded), nearest layer first (decode).
+* **Sequence level, multidimensional cache** holding both precisions (paper: sequence-level multidimensional
+  expert caching): evict the lowest recency + frequency + high-precision uses - layer distance (normalized
+  terms).
+* One global cache of ``cache_fraction`` of all experts' high-precision bytes (default 0.21: (22 GB - 3.3 GB)
+  / 352 MB = 53 of 256 FP16-expert equivalents).
+
+Checked for issue 14 against the paper's description of these mechanisms (its abstract and BASELINES.md
+§2.3; the full text was not reachable offline): they match; no change was needed.
+
+Deviations: fp32/NF4 stand for FP16/INT4 (the embedded model is fp32; NF4 is the 4-bit format of this
+toolkit); the cache-score weights are unpublished (equal weights here); the cumulative-weight rule is our
+reading of the importance thresholds (BASELINES.md §2.3).
 """
 
 from __future__ import annotations

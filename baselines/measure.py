@@ -144,6 +144,7 @@ def run_system(
                     "expert_format": engine.policy.fmt,
                     "timing_emulated": engine.emulated,
                     "clock": engine.timing.mode,
+                    **engine.policy.report(),
                 }
             )
         return rows

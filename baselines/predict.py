@@ -8,8 +8,6 @@ no further normalization. Routing math is Mixtral's: softmax over the logits, to
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 import torch
 
@@ -51,42 +49,86 @@ class StackedGates:
 
 
 class ActivationMatrixTracer:
-    """MoE-Infinity's request-level tracing: the current request's expert activation matrix (EAM,
-    L x E token counts) matched by cosine similarity against a bounded store of past EAMs (EAMC).
+    """MoE-Infinity's request-level tracing (arXiv 2401.14361, expert activation tracing;
+    ``moe_infinity/memory/expert_tracer.py``): the current request's expert activation matrix (EAM, L x E
+    token counts, prompt and decode) matched against a collection of EAMs (EAMC).
 
-    EAMC replacement is FIFO (the paper leaves it open). Scores follow the public code's layer decay
-    ``1 - (l' - l)/(L + 1)``; for eviction we extend it cyclically (a layer already run this token runs
-    again next token at distance ``l' - l + L``) — our choice, since decode revisits every layer."""
+    * The collection starts with the offline trace (``load``: persistent entries, never replaced) and has
+      room for ``capacity`` entries; a finished request fills a free slot, else replaces the least
+      accessed non-persistent entry (``finish_entry``).
+    * Matching (``find_most_similar``): cosine similarity per layer (of activation ratios, as the code
+      normalizes them), averaged over the layers the current request has activated so far; the most
+      similar entry wins and its access count grows. Recomputed when the request's EAM changes.
+    * Scores: the matched EAM's activation ratios with the code's layer decay ``1 - (l' - l)/(L + 1)``
+      (``expert_predictor.py``); for eviction we extend it cyclically (a layer already run this token runs
+      again next token at distance ``l' - l + L``) — our choice, since decode revisits every layer."""
 
-    def __init__(self, num_layers: int, num_experts: int, capacity: int = 64):
+    def __init__(self, num_layers: int, num_experts: int, capacity: int = 1000):
         self.L, self.E = num_layers, num_experts
-        self.store: deque[np.ndarray] = deque(maxlen=capacity)
+        self.capacity = int(capacity)
+        self.collection = np.zeros((0, num_layers, num_experts))
+        self.unit = np.zeros((0, num_layers * num_experts))  # each row a unit vector, flattened
+        self.access = np.zeros(0)
+        self.persistent = 0
         self.eam = np.zeros((num_layers, num_experts))
+        self._match: np.ndarray | None = None
+
+    @staticmethod
+    def _normalize(m: np.ndarray) -> np.ndarray:
+        return m / np.maximum(m.sum(axis=-1, keepdims=True), 1e-12)
+
+    @staticmethod
+    def _unit_rows(m: np.ndarray) -> np.ndarray:
+        """[..., L, E] -> [..., L*E]: every layer's row scaled to unit length (zero rows stay zero), so a
+        dot product is the sum over layers of the per-layer cosine similarities."""
+        u = m / np.maximum(np.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
+        return u.reshape(*m.shape[:-2], -1)
+
+    def load(self, trace: np.ndarray) -> None:
+        """The offline collection [N, L, E] (MoE-Infinity's ``load_trace``): persistent entries."""
+        if len(trace) > self.capacity:
+            raise ValueError(f"offline trace of {len(trace)} EAMs exceeds the EAMC capacity {self.capacity}")
+        self.collection = np.asarray(trace, dtype=float).copy()
+        self.unit = self._unit_rows(self.collection)
+        self.access = np.zeros(len(trace))
+        self.persistent = len(trace)
 
     def begin(self) -> None:
         self.eam = np.zeros((self.L, self.E))
+        self._match = None
 
     def record(self, slot: int, experts: torch.Tensor) -> None:
         np.add.at(self.eam[slot], experts.reshape(-1).cpu().numpy(), 1)
+        self._match = None
 
     def end(self) -> None:
-        if self.eam.sum() > 0:
-            self.store.append(self.eam.copy())
+        if self.eam.sum() == 0:
+            return
+        if len(self.collection) < self.capacity:
+            self.collection = np.concatenate([self.collection, self.eam[None]])
+            self.unit = np.concatenate([self.unit, self._unit_rows(self.eam)[None]])
+            self.access = np.append(self.access, 1.0)
+        elif self.persistent < self.capacity:
+            i = self.persistent + int(np.argmin(self.access[self.persistent :]))
+            self.collection[i], self.unit[i], self.access[i] = self.eam, self._unit_rows(self.eam), 1.0
 
     def best_match(self) -> np.ndarray:
-        """The stored EAM most similar to the current one (the current one itself when none is stored)."""
-        if not self.store or self.eam.sum() == 0:
+        """The collection's EAM most similar to the current one (the current one when nothing matches)."""
+        if self._match is not None:
+            return self._match
+        if not len(self.collection) or not self.eam.any():
             return self.eam
-        cur = self.eam.reshape(-1)
-        mats = np.stack(self.store).reshape(len(self.store), -1)
-        sims = mats @ cur / (np.linalg.norm(mats, axis=1) * np.linalg.norm(cur) + 1e-12)
-        return self.store[int(np.argmax(sims))]
+        # sum over layers of per-layer cosines; layers not yet activated add 0 to every entry, so the
+        # argmax is that of the mean over the activated layers
+        i = int(np.argmax(self.unit @ self._unit_rows(self.eam)))
+        self.access[i] += 1
+        self._match = self.collection[i]
+        return self._match
 
     def scores(self, slot: int, cyclic: bool = False) -> np.ndarray:
-        """Decayed activation probabilities [L, E] seen from MoE-layer ``slot``: future layers only
-        (the public code's prefetch scores), or every layer with cyclic distance (eviction)."""
-        best = self.best_match()
-        probs = best / np.maximum(best.sum(axis=1, keepdims=True), 1e-12)
+        """Decayed activation ratios [L, E] seen from MoE-layer ``slot``: future layers only (prefetch),
+        or every layer with cyclic distance (eviction)."""
+        probs = self._normalize(self.best_match())
         dist = np.arange(self.L) - slot
         if cyclic:
             dist = dist % self.L

@@ -23,6 +23,20 @@ PAPER_NAMES = {
     "adapmoe": "AdapMoE",
     "odmoe": "OD-MoE",
 }
+# what each re-implementation does differently from the original, and why (docs/baselines.md)
+DEVIATIONS = {
+    "cached": "one device instead of 8 GPUs: the embedded model fits on one",
+    "cpu_only": "fp32 PyTorch on the host instead of llama.cpp's quantized CPU kernels (no llama.cpp here)",
+    "mixtral_offloading": "HQQ dequantized then fp32 matmul in PyTorch, not fused Triton kernels (no GPU "
+    "kernel on a CPU testbed); router and norms fp32, not fp16 (the model is fp32)",
+    "moe_infinity": "offline EAMs from teacher-forced calibration windows, not generated requests (one pass "
+    "each); EAM matching in numpy on the host, not on the GPU",
+    "hobbit": "PyTorch re-interpretation of a llama.cpp system with no public code: fp32/NF4 for FP16/INT4, "
+    "cache-score weights equal (unpublished)",
+    "adapmoe": "layer sensitivity by our Fisher derivation (calibration scripts unreleased, units may "
+    "differ); HQQ dequantized then fp32 matmul, not Triton",
+    "odmoe": "— (this toolkit's system)",
+}
 HOME = {"odmoe": "runtime"}  # a system's own executor; every other one's is the offload engine
 # what each `clock` value of table2.csv means (odmoe/clock.py)
 CLOCKS = {
@@ -132,12 +146,19 @@ def markdown(measured: pd.DataFrame, note: str = "") -> str:
     lines = ["# Table 2 — measured (paper)", ""]
     if note:
         lines += [note, ""]
-    lines += ["## Clocks", "", "| column | executor | clock | hardware profile | timing emulated |"]
-    lines.append("|---|---|---|---|---|")
+    lines += [
+        "## Clocks and deviations",
+        "",
+        "| column | executor | clock | hardware profile | timing emulated | deviations from the original |",
+    ]
+    lines.append("|---|---|---|---|---|---|")
     first = df.groupby("label").first()
     for lab, name in cols:
         r = first.loc[lab]
-        lines.append(f"| {name} | {r.executor} | {r.clock} | {r.hardware} | {bool(r.timing_emulated)} |")
+        lines.append(
+            f"| {name} | {r.executor} | {r.clock} | {r.hardware} | {bool(r.timing_emulated)} | "
+            f"{DEVIATIONS.get(r.system, '—')} |"
+        )
     lines.append("")
     lines += [f"- `{c}`: {CLOCKS[c]}." for c in dict.fromkeys(df["clock"])]
     lines += [
@@ -186,6 +207,10 @@ def markdown(measured: pd.DataFrame, note: str = "") -> str:
             "beside it) compute the fp32 model exactly (tokens and logits checked against it in "
             "tests/test_runtime.py), so their perplexity is the fully cached model's.",
         ]
+    if "calibration" in df and df["calibration"].notna().any():
+        lines += ["", "## Offline calibration (calibration split, disjoint from the evaluation prompts)", ""]
+        cal = df.dropna(subset=["calibration"]).groupby("label")["calibration"].first()
+        lines += [f"- {names[lab]}: {cal[lab]}" for lab, _ in cols if lab in cal.index]
     order = share.sort_values(ascending=False).index
     paper_order = [lab for lab in paper.dropna().sort_values(ascending=False).index if lab in PAPER_NAMES]
     lines += [

@@ -79,7 +79,8 @@ TABLE2 = (
     "system executor clock shape depth_scale hardware timing_emulated prompt_len output_len prompts ttft_ms "
     "decode_tps "
     "output_tps decode_tps_bound peak_device_mb cuda_peak_mb agreement perplexity lossy expert_format "
-    "hit_rate stall_s prefill_stall_s link_mb loads prefetches prefetch_used skipped_share low_share"
+    "hit_rate stall_s prefill_stall_s link_mb loads prefetches prefetch_used skipped_share low_share calib_size "
+    "calibration"
 ).split()
 
 

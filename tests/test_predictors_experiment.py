@@ -42,8 +42,8 @@ def test_predictors_experiment_writes_tables_and_figures(tmp_path, micro_mixtral
     assert {"recall_d1", "recall_d3", "QUOTED_value"} <= set(t1.columns)
     assert t1.set_index("system").loc["HOBBIT", "QUOTED_value"] == "0.91"
     hits = pd.read_csv(run_dir / "cache_hits.csv")
-    assert set(hits["policy"]) == {"lru", "lfu", "activation"} and (hits["hit_rate"] <= 1).all()
-    # a full cache (E experts per layer) beats the smallest one
+    assert set(hits["policy"]) == {"lru", "lfu", "activation"}
+    # a full cache (E experts per layer) misses only on first use, so it beats the smallest one
     lru = hits[(hits["policy"] == "lru") & (hits["prefetch"] == "none")].set_index("capacity")["hit_rate"]
-    assert lru[8] >= lru[2]
+    assert lru[8] > lru[2]
     assert (run_dir / "recall_vs_d.png").stat().st_size > 0 and (run_dir / "cache_hit_vs_size.png").exists()

@@ -239,6 +239,7 @@ def test_e2e_experiment_runs_every_system(micro_mixtral_dir, tmp_path):
     cmd = [
         sys.executable, "-m", "experiments.run", "+exp=e2e", "system=odmoe", "model=micro-mixtral",
         "system.workers=4", "exp.workloads=[[8,6]]", "exp.num_prompts=1", "exp.ppl_tokens=16",
+        "++exp.overrides={moe_infinity: {eamc_traces: 16}, adapmoe: {calib_sequences: 2}}",
         f"results_dir={tmp_path}", "run=t",
     ]  # fmt: skip
     out = subprocess.run(cmd, cwd=repo_root(), capture_output=True, text=True, timeout=600)
@@ -249,7 +250,6 @@ def test_e2e_experiment_runs_every_system(micro_mixtral_dir, tmp_path):
     assert summary["hardware_requested"] == "host"
     assert summary["exact_share"] == 1.0 and summary["odmoe_agreement"] == 1.0
     assert summary["mem_max_abs_error"] < 0.05
-    assert 0 < summary["decode_fraction_of_baseline"]
     assert summary["stall_overhead_over_bound"] >= 0
     assert summary["mem_mixtral-8x7b_total_model_bytes"] < summary["mem_mixtral-8x7b_cached_model_bytes"] / 2
     t2 = pd.read_csv(run / "table2.csv")
@@ -262,10 +262,16 @@ def test_e2e_experiment_runs_every_system(micro_mixtral_dir, tmp_path):
         **{f"{s}/engine": "measured" for s in engine_systems},
     }
     assert (t2.hardware == "cpu-emulated").all() and t2.timing_emulated.all()
+    tps = t2.set_index(["system", "executor"]).decode_tps  # the headline is the table's own ratio
+    own = tps[("odmoe", "runtime")] / tps[("cached", "runtime")]
+    assert summary["decode_fraction_of_baseline"] == pytest.approx(own)
+    calib = t2.set_index("system").calib_size
+    assert calib["moe_infinity"] == 16 and calib["adapmoe"] == 2 * 128  # the offline calibration, recorded
     exact = t2[t2.system.isin(["cached", "cpu_only", "moe_infinity", "odmoe"])]
     assert (exact.agreement == 1.0).all() and t2.ttft_ms.gt(0).all() and t2.decode_tps.gt(0).all()
     md = (run / "table2.md").read_text()
     assert "OD-MoE" in md and "Transformers (runtime)" in md and "`measured`" in md and "**emulated**" in md
+    assert "deviations from the original" in md and "not fused Triton kernels" in md
     for name in ("ttft_ms", "decode_tps", "output_tps", "peak_device_mb", "agreement"):
         assert (run / f"table2_{name}.png").exists()
     assert (run / "stalls.png").exists() and (run / "memory.png").exists()

@@ -62,7 +62,7 @@ def test_replay_matches_a_hand_computed_schedule():
     "name,cfg",
     [
         ("mixtral_offloading", dict(quantize="none", experts_per_layer=2, prefetch=2, writeback=True)),
-        ("moe_infinity", dict(cache_fraction=0.1, prefetch_per_layer=2, warmup_prompts=1)),
+        ("moe_infinity", dict(cache_fraction=0.1, prefetch_per_layer=2, eamc_traces=8)),
         ("cached", {}),
     ],
 )
