@@ -254,7 +254,7 @@ def _workloads(cfg, lm: LoadedModel) -> list[Workload]:
 
 def run(cfg, run: Run) -> dict:
     e = cfg.exp
-    torch.set_num_threads(int(e.threads))  # the engine's CPU-time clock is exact with one thread
+    torch.set_num_threads(int(e.threads))  # the measured clock reads one thread's CPU time
     under_test = str(cfg.system.name)
     runs = plan([str(s) for s in e.systems], under_test)
     lm = load_from_cfg(cfg)

@@ -439,10 +439,18 @@ def from_run(path: Path, run: Run, predictions: str = "trace") -> dict:
     m = load_run(path)
     shape, hw = m.shape, m.hardware
     base = ModelCosts(shape, hw, m.formats)
+    # a modelled run priced its compute with this very cost model: the simulator then shares the cost model
+    # with the runtime and nothing else (its own schedule), so agreement checks one schedule against the other
+    modelled = (m.config.get("timing") or {}).get("mode") == "modelled"
+    if modelled and (m.config.get("timing") or {}).get("shape") not in (None, shape.name):
+        raise OdmoeError(
+            f"{path} was modelled at another shape than its model's; the simulator replays it only at the "
+            "executed model's shape (run +exp=e2e timing=modelled without timing.shape)"
+        )
     per_request, inputs = [], []
     for r, seg in split_requests(m.layers, m.requests) if m.layers is not None else []:
         x = derive_inputs(seg, r, shape, m.odmoe, base)
-        costs = RunCosts(base, x.table, x.latency, x.message_s)
+        costs = base if modelled else RunCosts(base, x.table, x.latency, x.message_s)
         P, out_len = int(r.prompt_len), int(r.output_len)
         if predictions == "trace":
             sim = simulate_request(shape, costs, m.odmoe, P, out_len, x.hits, timely=x.timely)

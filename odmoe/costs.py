@@ -418,12 +418,15 @@ class Pricer:
         """The shared experts of one MoE layer on the main node (0 for shapes without them)."""
         return self.costs.shared(self.tokens)
 
-    def expert(self, tokens: int, first: bool = True, fmt: str | None = None, on: str = "worker") -> float:
-        """One expert over ``tokens`` rows: on a worker, or (``on="device"``) resident on an offload engine's
-        single device at format ``fmt``; the per-call overhead is paid by a call's first expert."""
+    def expert(self, tokens: int, first: bool = True, nbytes: float | None = None, on: str = "worker") -> float:
+        """One expert over ``tokens`` rows reading ``nbytes`` of weights (default: a worker expert at the
+        workers' format), on a worker or (``on="device"``) on an offload engine's single device; the per-call
+        overhead is paid by a call's first expert."""
         c = self.costs
-        t = c.expert(1, tokens) if on == "worker" else c.gpu_experts(1, tokens, fmt)
-        return t if first else t - c.expert_overhead
+        dev = c.hw.worker if on == "worker" else c.hw.main
+        nbytes = c.expert_bytes() if nbytes is None else nbytes
+        t = roofline(dev, nbytes, 2 * c.shape.expert_params * tokens)
+        return t + (c.expert_overhead if first else 0.0)
 
 
 def run_costs(timing, hw: HardwareProfile, config, formats: Formats | None = None) -> ModelCosts | None:

@@ -12,7 +12,8 @@ from baselines.cache import LFU, LRU, Entry, EvictionContext, ExpertCache, Multi
 from baselines.hobbit import HIGH, LOW, SKIP, precision_class
 from baselines.lowbit import HQQ_CONFIGS, HQQMatrix, make_format, nf4_codes, nf4_roundtrip, packed_bytes
 from baselines.predict import ActivationMatrixTracer
-from baselines.timing import Clock, EmulatedLink
+from baselines.timing import VirtualLink
+from odmoe.clock import Clock
 
 
 def _replay(cache: ExpertCache, accesses, num_layers=4, protected=()):
@@ -76,16 +77,15 @@ def test_multidim_prefers_keeping_near_frequent_high_precision_experts():
 
 
 def test_link_is_fifo_and_stalls_are_accounted():
-    t = [0.0]
-    clock = Clock(timer=lambda: t[0])
-    link = EmulatedLink(bandwidth=100.0, latency=0.5)
+    clock = Clock("modelled")
+    link = VirtualLink(100.0, setup=0.5)
     d1 = link.transfer(100, clock.now())  # 0.5 + 1.0
     d2 = link.transfer(50, clock.now())  # queued behind the first
     assert (d1, d2) == (1.5, 2.5)
-    t[0] = 1.0
+    clock.charge(1.0)
     assert link.wait(d1, clock) == 0.5 and clock.now() == 1.5
     assert link.wait(d2, clock) == 1.0 and clock.stall == 1.5
-    t[0] = 10.0
+    clock.charge(7.5)
     assert link.wait(link.transfer(0, 0.0), clock) == 0.0  # finished long ago: no stall
 
 
