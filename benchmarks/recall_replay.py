@@ -3,13 +3,16 @@
     python -m benchmarks.recall_replay [hydra overrides of +exp=recall, e.g. exp.num_prompts=2]
 
 The workload is the one ``+exp=recall`` composes (default: tiny-mixtral, 6 prompts x 512 tokens,
-fp16/int8/nf4 x none/token/token_kv). The prompts are split over ``exp.workers`` forked processes
-with one torch thread each, as ``+exp=recall`` does. Each worker times, on its prompts:
+fp16/int8/nf4 x none/token/token_kv), arranged as ``+exp=recall`` with ``replay=auto`` arranges it
+over ``exp.workers`` forked processes with one torch thread each, and timed against the sequential
+path on the same work:
 
-* the reference decodes: ``record_reference`` per prompt vs ``record_references`` (one batch);
-* per (precision, alignment) cell, back to back: the fast ``replay`` (parallel or batched), the
-  sequential ``emulate`` per prompt, and the fast replay again (its time is the mean of the two,
-  so a change of the host's load during the long sequential part weighs on both sides).
+* references: each worker takes one share of the prompts and decodes it both ways,
+  ``record_reference`` per prompt and ``record_references`` (one batch);
+* cells: one unit per (precision, alignment) over all prompts, spread over the workers; each unit
+  runs back to back the fast ``replay`` (parallel or batched), the sequential ``emulate`` per
+  prompt, and the fast replay again (its time is the mean of the two, so a change of the host's
+  load during the long sequential part weighs on both sides).
 
 Clocks: wall time (``time.perf_counter``) and the worker's CPU time (``time.process_time``); on a
 shared host the CPU time is the steadier measure of work, the wall time what a user waits. Times
@@ -63,58 +66,67 @@ def _differing_rows(a: list, b: list) -> int:
     )
 
 
-def _worker(prompts: list[tuple[str, tuple[int, ...]]]) -> dict:
-    torch.set_num_threads(1)
-    lm, shadows, configs, out_len = _WORK["lm"], _WORK["shadows"], _WORK["configs"], _WORK["output_len"]
-    k = lm.adapter.top_k
-    with Clock() as seq_ref:
+def _references(prompts: list[tuple[str, tuple[int, ...]]]) -> tuple[dict, list, list]:
+    """One worker's share of the prompts: sequential and batched reference decodes, timed."""
+    lm, out_len = _WORK["lm"], _WORK["output_len"]
+    with Clock() as seq:
         seq_records = [record_reference(lm.model, lm.adapter, pid, ids, out_len) for pid, ids in prompts]
-    with Clock() as fast_ref:
+    with Clock() as fast:
         fast_records = record_references(lm.model, lm.adapter, prompts, out_len)
+    pairs = list(zip(seq_records, fast_records, strict=True))
     refs = {
         "prompts": len(prompts),
-        "seq_wall": seq_ref.wall,
-        "seq_cpu": seq_ref.cpu,
-        "fast_wall": fast_ref.wall,
-        "fast_cpu": fast_ref.cpu,
-        "tokens_differing": sum(
-            int((a.trace.tokens != b.trace.tokens).sum())
-            for a, b in zip(seq_records, fast_records, strict=True)
-        ),
+        "seq_wall": seq.wall,
+        "seq_cpu": seq.cpu,
+        "fast_wall": fast.wall,
+        "fast_cpu": fast.cpu,
+        "tokens_differing": sum(int((a.trace.tokens != b.trace.tokens).sum()) for a, b in pairs),
         "routing_rows_differing": sum(
             int((np.sort(a.trace.decode_experts, -1) != np.sort(b.trace.decode_experts, -1)).any(-1).sum())
-            for a, b in zip(seq_records, fast_records, strict=True)
+            for a, b in pairs
         ),
     }
-    cells, rows = [], {"fast": [], "sequential": []}
-    for cfg in configs:
-        shadow = shadows[cfg.precision]
-        with Clock() as fast1:
-            fast, path = replay(shadow, fast_records, cfg.alignment)
-        with Clock() as seq:
-            ref = [emulate(shadow, r, cfg.alignment) for r in seq_records]
-        with Clock() as fast2:
-            replay(shadow, fast_records, cfg.alignment)
-        for side, records, ems in (("fast", fast_records, fast), ("sequential", seq_records, ref)):
-            for record, em in zip(records, ems, strict=True):
-                rows[side].extend(unit_rows(cfg, record, em, k, 0.0, path, len(records))[TOKENS])
-        cells.append(
-            {
-                "precision": cfg.precision,
-                "alignment": cfg.mode,
-                "path": path,
-                "prompts": len(prompts),
-                "seq_wall": seq.wall,
-                "seq_cpu": seq.cpu,
-                "fast_wall": (fast1.wall + fast2.wall) / 2,
-                "fast_cpu": (fast1.cpu + fast2.cpu) / 2,
-                "fast_wall_first": fast1.wall,
-                "fast_wall_second": fast2.wall,
-                "routing_rows": sum(e.experts.shape[0] * e.experts.shape[1] for e in ref),
-                "routing_rows_differing": _differing_rows(ref, fast),
-            }
-        )
-    return {"refs": refs, "cells": cells, "rows": rows}
+    return refs, seq_records, fast_records
+
+
+def _cell(cfg: Config) -> dict:
+    """One (precision, alignment) cell over every prompt: fast, sequential, fast again."""
+    shadow, k = _WORK["shadows"][cfg.precision], _WORK["lm"].adapter.top_k
+    seq_records, fast_records = _WORK["seq_records"], _WORK["fast_records"]
+    with Clock() as fast1:
+        fast, path = replay(shadow, fast_records, cfg.alignment)
+    with Clock() as seq:
+        ref = [emulate(shadow, r, cfg.alignment) for r in seq_records]
+    with Clock() as fast2:
+        replay(shadow, fast_records, cfg.alignment)
+    rows = {"fast": [], "sequential": []}
+    for side, records, ems in (("fast", fast_records, fast), ("sequential", seq_records, ref)):
+        for record, em in zip(records, ems, strict=True):
+            rows[side].extend(unit_rows(cfg, record, em, k, 0.0, path, len(records))[TOKENS])
+    cell = {
+        "precision": cfg.precision,
+        "alignment": cfg.mode,
+        "path": path,
+        "prompts": len(seq_records),
+        "seq_wall": seq.wall,
+        "seq_cpu": seq.cpu,
+        "fast_wall": (fast1.wall + fast2.wall) / 2,
+        "fast_cpu": (fast1.cpu + fast2.cpu) / 2,
+        "fast_wall_first": fast1.wall,
+        "fast_wall_second": fast2.wall,
+        "routing_rows": sum(e.experts.shape[0] * e.experts.shape[1] for e in ref),
+        "routing_rows_differing": _differing_rows(ref, fast),
+    }
+    return {"cell": cell, "rows": rows}
+
+
+def _map(fn, items: list, workers: int) -> list:
+    if workers == 1:
+        return [fn(x) for x in items]
+    with mp.get_context("fork").Pool(
+        min(workers, len(items)), initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
+        return list(pool.imap(fn, items))
 
 
 def _ratio(frame: pd.DataFrame, clock: str) -> float:
@@ -148,29 +160,33 @@ def main(argv: list[str] | None = None) -> dict:
     _WORK.update(lm=lm, shadows=shadows, configs=configs, output_len=int(e.output_len))
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    if workers == 1:
-        results = [_worker(shares[0])]
-    else:
-        with mp.get_context("fork").Pool(workers) as pool:
-            results = pool.map(_worker, shares)
+    parts = _map(_references, shares, workers)  # as +exp=recall: each worker one share of the prompts
+    order = {p.id: i for i, p in enumerate(prompts)}
+    for side, j in (("seq_records", 1), ("fast_records", 2)):
+        _WORK[side] = sorted((r for part in parts for r in part[j]), key=lambda r: order[r.trace.prompt_id])
+    # as +exp=recall: one unit per configuration over all prompts, the batched (long) ones first
+    ordered = sorted(configs, key=lambda c: c.alignment.token_period == 1)
+    results = _map(_cell, ordered, workers)
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()
 
-    cells = pd.DataFrame([c for r in results for c in r["cells"]])
-    cells = cells.groupby(["precision", "alignment", "path"], sort=False).sum(numeric_only=True).reset_index()
-    refs = pd.DataFrame([r["refs"] for r in results]).sum(numeric_only=True)
+    cells = pd.DataFrame([r["cell"] for r in results])
+    cells = (
+        cells.set_index(["precision", "alignment"])
+        .loc[[(c.precision, c.mode) for c in configs]]
+        .reset_index()
+    )
+    refs = pd.DataFrame([part[0] for part in parts]).sum(numeric_only=True)
     tables = {}
     for side in ("fast", "sequential"):
         tokens = pd.DataFrame([row for r in results for row in r["rows"][side]])
-        tables[side] = recall_by_config(tokens, int(e.output_len)).set_index(["precision", "alignment"])
+        table = recall_by_config(tokens, int(e.output_len)).set_index(["precision", "alignment"])
+        tables[side] = table.loc[[(c.precision, c.mode) for c in configs]]
     printed = lambda v: f"{v:.4f}"  # noqa: E731  (the precision +exp=recall prints)
     cols = ["recall", "recall_first_quarter", "recall_last_quarter"]
     table = pd.concat({side: t[cols] for side, t in tables.items()}, axis=1)
-    equal = all(
-        printed(tables["fast"].loc[i, c]) == printed(tables["sequential"].loc[i, c])
-        for i in table.index
-        for c in cols
-    )
+    fast_t, seq_t = tables["fast"], tables["sequential"]
+    equal = all(printed(fast_t.loc[i, c]) == printed(seq_t.loc[i, c]) for i in table.index for c in cols)
     cells["ratio_wall"] = cells["seq_wall"] / cells["fast_wall"]
     cells["ratio_cpu"] = cells["seq_cpu"] / cells["fast_cpu"]
     total = pd.concat(

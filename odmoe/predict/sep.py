@@ -24,13 +24,19 @@ for either
 Without token alignment at n the shadow feeds its own argmax; without KV alignment it keeps its own
 KV (PAPER.md §4.3). The shadow runs its own prefill on the prompt (§11 item 19); ``prompt_kv=True``
 additionally overwrites its whole prompt KV with the full model's after prefill (an extension).
+
+``emulate`` is the reference implementation. ``replay`` takes the fastest path that computes the
+same thing: with token alignment every iteration the shadow's inputs are known, so every iteration
+runs in one forward pass (``replay_parallel``, attention over the full model's and the shadow's own
+K/V under ``mixed_mask``); every other mode runs all prompts as one batch (``emulate_batch``). Both
+agree with ``emulate`` up to the rounding of batched kernels (``docs/sep.md``, "Fast replay").
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -183,10 +189,18 @@ class Emulation:
 
     experts: np.ndarray  # [O, Lm, k] the shadow's routing = the prediction
     inputs: np.ndarray  # [O] the token the shadow consumed
-    own_tokens: np.ndarray  # [O] the shadow's own argmax after each iteration
+    own: np.ndarray | Callable[[], np.ndarray]  # ``own_tokens``, or how to compute them on first use
     token_aligned: np.ndarray  # [O] bool
     kv_aligned: np.ndarray  # [O] bool: KV overwritten just before this iteration
     cache: DynamicCache  # the shadow's KV cache after the last iteration
+
+    @property
+    def own_tokens(self) -> np.ndarray:
+        """[O] the shadow's own choice after each iteration (``next_token``). A parallel replay, whose
+        inputs do not depend on them, picks them only when asked (one ``next_token`` per iteration)."""
+        if callable(self.own):
+            self.own = self.own()
+        return self.own
 
 
 def _overwrite_kv(
@@ -393,13 +407,15 @@ def replay_parallel(shadow: Shadow, record: ReferenceRecord, alignment: Alignmen
         rows = torch.cat([torch.full((p,), alignment.prompt_kv, device=device), last])
         layer.keys[0, :, rows] = keys[0, :, rows]
         layer.values[0, :, rows] = values[0, :, rows]
-    prompt = trace.prompt.tolist()
-    inputs = trace.tokens.tolist()
-    own = [next_token(model, prompt + inputs[:n], logits[n - 1]) for n in range(1, o + 1)]
+    history = [*trace.prompt.tolist(), *trace.tokens.tolist()]
+
+    def own() -> np.ndarray:
+        return np.asarray([next_token(model, history[: p + n], logits[n - 1]) for n in range(1, o + 1)])
+
     return Emulation(
         experts,
         trace.tokens.copy(),
-        np.asarray(own, dtype=np.int64),
+        own,
         np.ones(o, dtype=bool),
         kv_flags,
         cache,
