@@ -10,9 +10,8 @@ path on the same work:
 * references: each worker takes one share of the prompts and decodes it both ways,
   ``record_reference`` per prompt and ``record_references`` (one batch);
 * cells: one unit per (precision, alignment) over all prompts, spread over the workers; each unit
-  runs back to back the fast ``replay`` (parallel or batched), the sequential ``emulate`` per
-  prompt, and the fast replay again (its time is the mean of the two, so a change of the host's
-  load during the long sequential part weighs on both sides).
+  runs back to back the fast ``replay`` (parallel or batched) and the sequential ``emulate`` per
+  prompt. Finished cells are appended to ``cells.jsonl`` as they come.
 
 Clocks: wall time (``time.perf_counter``) and the worker's CPU time (``time.process_time``); on a
 shared host the CPU time is the steadier measure of work, the wall time what a user waits. Times
@@ -93,12 +92,10 @@ def _cell(cfg: Config) -> dict:
     """One (precision, alignment) cell over every prompt: fast, sequential, fast again."""
     shadow, k = _WORK["shadows"][cfg.precision], _WORK["lm"].adapter.top_k
     seq_records, fast_records = _WORK["seq_records"], _WORK["fast_records"]
-    with Clock() as fast1:
+    with Clock() as fast_clock:
         fast, path = replay(shadow, fast_records, cfg.alignment)
     with Clock() as seq:
         ref = [emulate(shadow, r, cfg.alignment) for r in seq_records]
-    with Clock() as fast2:
-        replay(shadow, fast_records, cfg.alignment)
     rows = {"fast": [], "sequential": []}
     for side, records, ems in (("fast", fast_records, fast), ("sequential", seq_records, ref)):
         for record, em in zip(records, ems, strict=True):
@@ -110,23 +107,22 @@ def _cell(cfg: Config) -> dict:
         "prompts": len(seq_records),
         "seq_wall": seq.wall,
         "seq_cpu": seq.cpu,
-        "fast_wall": (fast1.wall + fast2.wall) / 2,
-        "fast_cpu": (fast1.cpu + fast2.cpu) / 2,
-        "fast_wall_first": fast1.wall,
-        "fast_wall_second": fast2.wall,
+        "fast_wall": fast_clock.wall,
+        "fast_cpu": fast_clock.cpu,
         "routing_rows": sum(e.experts.shape[0] * e.experts.shape[1] for e in ref),
         "routing_rows_differing": _differing_rows(ref, fast),
     }
     return {"cell": cell, "rows": rows}
 
 
-def _map(fn, items: list, workers: int) -> list:
+def _map(fn, items: list, workers: int, ordered: bool = True):
     if workers == 1:
-        return [fn(x) for x in items]
+        yield from map(fn, items)
+        return
     with mp.get_context("fork").Pool(
         min(workers, len(items)), initializer=torch.set_num_threads, initargs=(1,)
     ) as pool:
-        return list(pool.imap(fn, items))
+        yield from (pool.imap if ordered else pool.imap_unordered)(fn, items)
 
 
 def _ratio(frame: pd.DataFrame, clock: str) -> float:
@@ -160,13 +156,33 @@ def main(argv: list[str] | None = None) -> dict:
     _WORK.update(lm=lm, shadows=shadows, configs=configs, output_len=int(e.output_len))
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    parts = _map(_references, shares, workers)  # as +exp=recall: each worker one share of the prompts
+    parts = list(_map(_references, shares, workers))  # as +exp=recall: each worker one share of the prompts
+    print(f"references done after {time.perf_counter() - t0:.0f} s", flush=True)
     order = {p.id: i for i, p in enumerate(prompts)}
     for side, j in (("seq_records", 1), ("fast_records", 2)):
         _WORK[side] = sorted((r for part in parts for r in part[j]), key=lambda r: order[r.trace.prompt_id])
-    # as +exp=recall: one unit per configuration over all prompts, the batched (long) ones first
-    ordered = sorted(configs, key=lambda c: c.alignment.token_period == 1)
-    results = _map(_cell, ordered, workers)
+    # as +exp=recall: one unit per configuration over all prompts; token_kv cells first, and each
+    # finished cell is appended to cells.jsonl (a run cut short still has its finished cells)
+    out = repo_root() / "results" / "benchmarks" / "recall_replay" / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    rank = {"token_kv": 0, "token": 1}
+    ordered = sorted(configs, key=lambda c: rank.get(c.mode, 2))
+    results = []
+    with open(out / "cells.jsonl", "w") as log:
+        for r in _map(_cell, ordered, workers, ordered=False):
+            results.append(r)
+            log.write(
+                json.dumps({**r["cell"], "loadavg": os.getloadavg()[0], "at_s": time.perf_counter() - t0})
+                + "\n"
+            )
+            log.flush()
+            c = r["cell"]
+            print(
+                f"{c['precision']} {c['alignment']} ({c['path']}): sequential {c['seq_wall']:.1f} s wall "
+                f"{c['seq_cpu']:.1f} s CPU, fast {c['fast_wall']:.2f} / {c['fast_cpu']:.2f}; "
+                f"{c['routing_rows_differing']} of {c['routing_rows']} rows differ",
+                flush=True,
+            )
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()
 
@@ -221,8 +237,6 @@ def main(argv: list[str] | None = None) -> dict:
         "sequential_s_wall": round(float(total["seq_wall"].sum()), 1),
         "fast_s_wall": round(float(total["fast_wall"].sum()), 1),
     }
-    out = repo_root() / "results" / "benchmarks" / "recall_replay" / args.name
-    out.mkdir(parents=True, exist_ok=True)
     cells.to_csv(out / "cells.csv", index=False)
     table.to_csv(out / "tables.csv")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
