@@ -44,6 +44,8 @@ def run(cfg, run: Run) -> dict:
         prompt_kv=bool(e.prompt_kv),
         int8_threshold=float(e.int8_threshold),
         workers=e.workers,
+        replay=str(e.replay),
+        batch_prompts=int(e.batch_prompts),
     )
     runs = load_tables(run)["recall_runs"]
     runs = runs[runs["prompt_id"].isin({p.id for p in prompts}) & runs["alignment"].isin(modes)]

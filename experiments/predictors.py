@@ -1,8 +1,9 @@
 """``+exp=predictors``: every expert-activation predictor on one model, one prompt set, one metric.
 
-1. Reference passes (``odmoe.predict.harness.capture_reference``): calibration and evaluation
-   prompts (disjoint, checked) are decoded once by the full model with every tap recorded; for the
-   evaluation prompts each SEP shadow is replayed with token + KV alignment every iteration.
+1. Reference passes (``odmoe.predict.harness.capture_references``): calibration and evaluation
+   prompts (disjoint, checked) are decoded once by the full model with every tap recorded, in
+   batches; for the evaluation prompts each SEP shadow is replayed with token + KV alignment every
+   iteration (one parallel pass per prompt, ``odmoe.predict.sep.replay``).
    Captures are saved under ``captures/`` so a rerun resumes.
 2. Predictors are fitted on the calibration captures only and evaluated on the evaluation ones:
    ``recall_prompts.csv`` (predictor, prompt, d) -> ``recall_by_d.csv`` and ``table1.csv``.
@@ -25,7 +26,7 @@ from odmoe.data.prompts import embedded_prompts, load_prompts
 from odmoe.errors import OdmoeError
 from odmoe.models import load_from_cfg
 from odmoe.predict.cache import POLICIES, eam_matches, simulate
-from odmoe.predict.harness import Capture, capture_reference, hits_by_d, predictions
+from odmoe.predict.harness import Capture, capture_references, hits_by_d, predictions
 from odmoe.predict.predictors import EAMPredictor, build_predictors
 from odmoe.results import Run
 from odmoe.trace import check_length
@@ -89,32 +90,41 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _capture_one(task: tuple[str, str, tuple[int, ...], str]) -> str:
-    """Reference pass of one prompt (+ SEP emulations for eval prompts); saves and returns its path."""
-    from odmoe.predict.sep import Alignment, emulate
+def _capture_group(group: list[tuple[str, str, tuple[int, ...], str]]) -> list[str]:
+    """Reference passes of a group of prompts of one kind, as one batched decode (+ SEP replays for
+    eval prompts, one parallel pass each); saves every capture and returns the paths."""
+    from odmoe.predict.sep import Alignment, replay
 
-    kind, pid, token_ids, path = task
     lm = _WORK["lm"]
+    kind = group[0][0]
     t0 = time.perf_counter()
-    capture, record = capture_reference(lm.model, lm.adapter, pid, token_ids, _WORK["output_len"])
-    capture.extra["seconds_reference"] = np.asarray(time.perf_counter() - t0)
+    pairs = [(pid, token_ids) for _, pid, token_ids, _ in group]
+    done = capture_references(lm.model, lm.adapter, pairs, _WORK["output_len"])
+    seconds = (time.perf_counter() - t0) / len(group)
+    for capture, _ in done:
+        capture.extra["seconds_reference"] = np.asarray(seconds)
     if kind == "eval":
+        records = [record for _, record in done]
         for precision, shadow in _WORK["shadows"].items():
             t0 = time.perf_counter()
-            em = emulate(shadow, record, Alignment(1, 1))
-            capture.extra[f"sep_{precision}"] = em.experts.astype(np.int64)
-            capture.extra[f"seconds_sep_{precision}"] = np.asarray(time.perf_counter() - t0)
-    capture.save(path)
-    return path
+            ems, _ = replay(shadow, records, Alignment(1, 1))
+            seconds = (time.perf_counter() - t0) / len(group)
+            for (capture, _), em in zip(done, ems, strict=True):
+                capture.extra[f"sep_{precision}"] = em.experts.astype(np.int64)
+                capture.extra[f"seconds_sep_{precision}"] = np.asarray(seconds)
+    return [str(capture.save(path)) for (capture, _), (_, _, _, path) in zip(done, group, strict=True)]
 
 
-def captures(run: Run, lm, evals, calib, output_len: int, shadows: dict, workers) -> tuple[list, list]:
-    """Load or make every capture, spreading the missing ones over forked CPU workers."""
+def captures(
+    run: Run, lm, evals, calib, output_len: int, shadows: dict, workers, batch: int = 32
+) -> tuple[list, list]:
+    """Load or make every capture: the missing ones of each kind in batched groups of at most
+    ``batch`` prompts, spread over forked CPU workers."""
     from tqdm import tqdm
 
     root = run.path("captures")
     need = {f"sep_{p}" for p in shadows}
-    tasks, paths = [], {"eval": [], "calib": []}
+    tasks, paths = {"eval": [], "calib": []}, {"eval": [], "calib": []}
     for kind, prompts in (("eval", evals), ("calib", calib)):
         for p in prompts:
             path = root / kind / f"{p.id}.npz"
@@ -126,23 +136,30 @@ def captures(run: Run, lm, evals, calib, output_len: int, shadows: dict, workers
                 ok = ok and (kind == "calib" or need <= set(c.extra))
             if not ok:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tasks.append((kind, p.id, tuple(p.token_ids), str(path)))
+                tasks[kind].append((kind, p.id, tuple(p.token_ids), str(path)))
     device = next(lm.model.parameters()).device
+    total = sum(len(t) for t in tasks.values())
     if workers in (None, "auto"):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         workers = cores if device.type == "cpu" else 1
-    workers = max(1, min(int(workers), len(tasks))) if tasks and device.type == "cpu" else 1
+    workers = max(1, min(int(workers), total)) if total and device.type == "cpu" else 1
+    groups = [
+        share[i : i + batch]
+        for kind in ("eval", "calib")
+        for share in (tasks[kind][w::workers] for w in range(workers))
+        for i in range(0, len(share), batch)
+    ]
     _WORK.update(lm=lm, shadows=shadows, output_len=output_len)
     try:
-        bar = tqdm(total=len(tasks), desc=f"reference passes ({workers} worker(s))", leave=False)
+        bar = tqdm(total=total, desc=f"reference passes ({workers} worker(s))", leave=False)
         if workers == 1:
-            for t in tasks:
-                _capture_one(t)
-                bar.update()
+            for g in groups:
+                _capture_group(g)
+                bar.update(len(g))
         else:
             with mp.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
-                for _ in pool.imap_unordered(_capture_one, tasks):
-                    bar.update()
+                for g, _ in zip(groups, pool.imap(_capture_group, groups), strict=True):
+                    bar.update(len(g))
         bar.close()
     finally:
         _WORK.clear()
@@ -230,7 +247,9 @@ def run(cfg, run: Run) -> dict:
     }
     t_shadows = time.perf_counter() - t0
     t0 = time.perf_counter()
-    eval_caps, calib_caps = captures(run, lm, evals, calib, int(e.output_len), shadows, e.proc_workers)
+    eval_caps, calib_caps = captures(
+        run, lm, evals, calib, int(e.output_len), shadows, e.proc_workers, int(e.batch_prompts)
+    )
     t_capture = time.perf_counter() - t0
     del shadows
 

@@ -59,6 +59,8 @@ def run(cfg, run: Run) -> dict:
         prompt_kv=bool(e.prompt_kv),
         int8_threshold=float(e.int8_threshold),
         workers=e.workers,
+        replay=str(e.replay),
+        batch_prompts=int(e.batch_prompts),
     )
     tables = load_tables(run)
     ids = {p.id for p in prompts}

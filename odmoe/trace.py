@@ -28,7 +28,7 @@ weights       list<float>  their gate weights as the model applied them
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +208,113 @@ def reference_decode(
         np.stack(decode_e),
         np.stack(decode_w),
     )
+
+
+class PaddedBatch:
+    """Prompts decoded in lockstep as one batch: left padding, per-row positions, one shared cache.
+
+    Row b's prompt sits right-aligned in the first ``width`` cache entries (``pads[b]`` padding
+    entries first), so after any number of decode steps every row's newest entries are the last
+    ones of the cache, as in a batch-1 decode. Without padding (equal prompt lengths) no attention
+    mask is passed, so each row runs the model's own causal path exactly as at batch 1.
+    """
+
+    def __init__(self, prompts: Sequence[Sequence[int]], device: torch.device | str):
+        lengths = [len(p) for p in prompts]
+        if not lengths or min(lengths) <= 0:
+            raise OdmoeError("a prompt batch needs at least one prompt, each with at least one token")
+        self.width = max(lengths)
+        self.pads = [self.width - n for n in lengths]
+        ids = torch.zeros(len(prompts), self.width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), self.width, dtype=torch.long)
+        for b, (p, pad) in enumerate(zip(prompts, self.pads, strict=True)):
+            ids[b, pad:] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[b, pad:] = 1
+        self.input_ids, self.mask = ids.to(device), mask.to(device)
+        self.padded = any(self.pads)
+        self.next_pos = torch.as_tensor(lengths, device=device)[:, None]
+
+    def __len__(self) -> int:
+        return len(self.pads)
+
+    def prefill(self, model, cache: DynamicCache) -> torch.Tensor:
+        """The prompts' forward pass; returns each row's last-position logits [B, V]."""
+        kwargs = {}
+        if self.padded:
+            kwargs = {"attention_mask": self.mask, "position_ids": (self.mask.cumsum(-1) - 1).clamp(min=0)}
+        out = model(input_ids=self.input_ids, cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1]
+
+    def step(self, model, cache: DynamicCache, tokens: Sequence[int]) -> torch.Tensor:
+        """One decode iteration, token b for row b; returns the logits [B, V]."""
+        ids = torch.as_tensor(list(tokens), device=self.input_ids.device)[:, None]
+        kwargs = {}
+        if self.padded:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
+            kwargs = {"attention_mask": self.mask, "position_ids": self.next_pos}
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        self.next_pos = self.next_pos + 1
+        return out.logits[:, -1]
+
+
+@torch.no_grad()
+def reference_decode_batch(
+    model,
+    adapter: MoEAdapter,
+    prompts: Sequence[tuple[str, Iterable[int]]],
+    output_len: int,
+    on_step: Callable[[DynamicCache, PaddedBatch], None] | None = None,
+) -> list[Trace]:
+    """``reference_decode`` of several (prompt_id, prompt) pairs at once, one batch row per prompt.
+
+    Every row picks its tokens with ``odmoe.decoding.next_token`` on its own history, so each trace
+    is the batch-1 decode's up to the rounding of batched kernels (``tests/test_sep_fast.py``).
+    ``on_step`` sees the cache and the batch after prefill and after every decode iteration.
+    """
+    arrays = [np.asarray(list(p), dtype=np.int64) for _, p in prompts]
+    for a in arrays:
+        check_length(model, len(a), output_len)
+    device = next(model.parameters()).device
+    batch = PaddedBatch(arrays, device)
+    recorder = RoutingRecorder(adapter)
+    cache = DynamicCache(config=model.config)
+    rows = len(arrays)
+    tokens: list[list[int]] = [[] for _ in arrays]
+    decode_e, decode_w = [], []
+    with recorder.installed():
+        logits = batch.prefill(model, cache)
+        e, w = recorder.pop()
+        prefill_e = e.reshape(rows, batch.width, *e.shape[1:])
+        prefill_w = w.reshape(rows, batch.width, *w.shape[1:])
+        if on_step is not None:
+            on_step(cache, batch)
+        for _ in range(output_len):
+            step = [
+                next_token(model, [*a.tolist(), *t], logits[b])
+                for b, (a, t) in enumerate(zip(arrays, tokens, strict=True))
+            ]
+            for t, token in zip(tokens, step, strict=True):
+                t.append(token)
+            logits = batch.step(model, cache, step)
+            e, w = recorder.pop()
+            decode_e.append(e)
+            decode_w.append(w)
+            if on_step is not None:
+                on_step(cache, batch)
+    de, dw = np.stack(decode_e, axis=1), np.stack(decode_w, axis=1)  # [B, O, Lm, k]
+    return [
+        Trace(
+            str(pid),
+            a,
+            np.asarray(tokens[b], dtype=np.int64),
+            tuple(adapter.moe_layers),
+            prefill_e[b, batch.pads[b] :],
+            prefill_w[b, batch.pads[b] :],
+            de[b],
+            dw[b],
+        )
+        for b, ((pid, _), a) in enumerate(zip(prompts, arrays, strict=True))
+    ]
 
 
 def reference_traces(

@@ -135,9 +135,8 @@ def test_kv_alignment_overwrites_the_shadows_cache(micro_mixtral, record):
     got = _decode_keys(every, p)
     assert torch.equal(got[: o - 1], ref_keys[: o - 1])  # o_1..o_{O-1} are the full model's, cast
     assert every.cache.layers[0].keys.dtype == torch.float16
-    assert not np.array_equal(every.experts, token_only.experts) or np.array_equal(
-        token_only.experts, record.trace.decode_experts
-    )
+    # (whether the aligned KV changes this shadow's routing depends on the trained micro model; a
+    # shadow drifted on purpose shows it: test_kv_alignment_changes_routing_of_a_drifted_shadow)
 
     newest = emulate(shadow, record, Alignment.parse("T1_KV4", kv_positions="newest"))
     got = _decode_keys(newest, p)

@@ -16,6 +16,12 @@ Results go to resumable tables in the run directory, one row per finished unit:
 A run interrupted between the token/layer rows and the run row of a unit redoes that unit and
 leaves duplicate rows; ``load_tables`` keeps the last row of each key.
 
+Replay (``replay=auto``, the default): the references are decoded in batches (each worker one
+share of the prompts), then every configuration is one unit over all prompts, replayed by the
+fastest exact path (``odmoe.predict.sep.replay``): token alignment every iteration as one parallel
+pass per prompt, every other mode as one batched decode of all prompts. ``replay=sequential`` is
+the reference: one prompt at a time, ``record_reference`` and ``emulate``.
+
 On CPU the prompts are spread over ``workers`` forked processes with one torch thread each (small
 models gain nothing from intra-op threads, and lose a lot to thread contention on a shared
 machine); the parent alone writes the tables. On a GPU everything runs in the parent.
@@ -33,9 +39,20 @@ import numpy as np
 import pandas as pd
 import torch
 
+from odmoe.errors import OdmoeError
 from odmoe.metrics import hits
 from odmoe.models.load import LoadedModel
-from odmoe.predict.sep import Alignment, ReferenceRecord, emulate, record_reference
+from odmoe.predict.sep import (
+    REPLAYS,
+    Alignment,
+    Emulation,
+    ReferenceRecord,
+    record_reference,
+    record_references,
+)
+from odmoe.predict.sep import (
+    replay as sep_replay,
+)
 from odmoe.predict.shadow import Shadow, build_shadow, weight_bytes
 from odmoe.trace import save_trace
 
@@ -71,13 +88,12 @@ def default_workers(device: torch.device, num_prompts: int) -> int:
     return max(1, min(cores, num_prompts))
 
 
-def _rows_for(
-    cfg: Config, prompt_id: str, record: ReferenceRecord, shadow: Shadow, k: int
+def unit_rows(
+    cfg: Config, record: ReferenceRecord, em: Emulation, k: int, seconds: float, path: str, batch: int
 ) -> dict[str, list]:
-    t0 = time.perf_counter()
-    em = emulate(shadow, record, cfg.alignment)
-    seconds = time.perf_counter() - t0
+    """Table rows of one (configuration, prompt) unit; ``seconds`` is its share of the replay."""
     trace = record.trace
+    prompt_id = trace.prompt_id
     c = hits(em.experts, trace.decode_experts)  # [O, Lm]
     out_len, lm = c.shape
     base = {"precision": cfg.precision, "alignment": cfg.mode, "prompt_id": prompt_id}
@@ -110,6 +126,8 @@ def _rows_for(
         "recall": float(c.sum() / (k * lm * out_len)),
         "inputs_differing": int(len(diverged)),
         "first_differing_n": int(diverged[0] + 1) if len(diverged) else 0,
+        "replay": path,
+        "batch": batch,
         "seconds": round(seconds, 4),
         "ms_per_token": round(1000 * seconds / out_len, 3),
     }
@@ -124,30 +142,100 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _evaluate_prompt(task: tuple[str, tuple[int, ...], list[Config]]) -> dict[str, list]:
+def _reference_rows(records: Sequence[ReferenceRecord], seconds: float, batch: int) -> list[dict]:
+    tokenizer = _WORK["lm"].tokenizer
+    return [
+        {
+            "prompt_id": r.trace.prompt_id,
+            "prompt_len": len(r.trace.prompt),
+            "output_len": r.output_len,
+            "batch": batch,
+            "seconds": round(seconds, 4),
+            "ms_per_token": round(1000 * seconds / r.output_len, 3),
+            "output": tokenizer.decode(r.trace.tokens.tolist()),
+        }
+        for r in records
+    ]
+
+
+def _save_traces(records: Sequence[ReferenceRecord]) -> None:
+    if _WORK.get("trace_dir"):
+        for record in records:
+            save_trace(record.trace, _WORK["trace_dir"])
+
+
+def _sequential_prompt(task: tuple[str, tuple[int, ...], list[Config]]) -> dict[str, list]:
+    """``replay=sequential``: one prompt's ``record_reference`` and ``emulate`` of each configuration."""
     prompt_id, token_ids, configs = task
     lm: LoadedModel = _WORK["lm"]
-    shadows: dict[str, Shadow] = _WORK["shadows"]
     t0 = time.perf_counter()
     record = record_reference(lm.model, lm.adapter, prompt_id, token_ids, _WORK["output_len"])
     ref_seconds = time.perf_counter() - t0
-    if _WORK.get("trace_dir"):
-        save_trace(record.trace, _WORK["trace_dir"])
+    _save_traces([record])
     out: dict[str, list] = {TOKENS: [], LAYERS: [], RUNS: []}
     for cfg in configs:
-        for name, rows in _rows_for(cfg, prompt_id, record, shadows[cfg.precision], lm.adapter.top_k).items():
-            out[name].extend(rows)
-    out[REFERENCES] = [
-        {
-            "prompt_id": prompt_id,
-            "prompt_len": len(token_ids),
-            "output_len": record.output_len,
-            "seconds": round(ref_seconds, 4),
-            "ms_per_token": round(1000 * ref_seconds / record.output_len, 3),
-            "output": lm.tokenizer.decode(record.trace.tokens.tolist()),
-        }
-    ]
+        t0 = time.perf_counter()
+        (em,), path = sep_replay(_WORK["shadows"][cfg.precision], [record], cfg.alignment, "sequential")
+        rows = unit_rows(cfg, record, em, lm.adapter.top_k, time.perf_counter() - t0, path, 1)
+        for name, part in rows.items():
+            out[name].extend(part)
+    out[REFERENCES] = _reference_rows([record], ref_seconds, 1)
     return out
+
+
+def _record_group(pairs: list[tuple[str, tuple[int, ...]]]) -> tuple[list[ReferenceRecord], float]:
+    """``replay=auto``: the references of a group of prompts, one batched decode; and its seconds."""
+    lm: LoadedModel = _WORK["lm"]
+    t0 = time.perf_counter()
+    records = record_references(lm.model, lm.adapter, pairs, _WORK["output_len"])
+    return records, time.perf_counter() - t0
+
+
+def _replay_unit(unit: tuple[Config, list[int]]) -> dict[str, list]:
+    """``replay=auto``: one configuration over the chunk's records it still needs (one ``replay``)."""
+    cfg, indices = unit
+    records = [_WORK["records"][i] for i in indices]
+    t0 = time.perf_counter()
+    ems, path = sep_replay(_WORK["shadows"][cfg.precision], records, cfg.alignment, "auto")
+    seconds = (time.perf_counter() - t0) / len(records)
+    out: dict[str, list] = {TOKENS: [], LAYERS: [], RUNS: []}
+    for record, em in zip(records, ems, strict=True):
+        for name, part in unit_rows(
+            cfg, record, em, _WORK["lm"].adapter.top_k, seconds, path, len(records)
+        ).items():
+            out[name].extend(part)
+    return out
+
+
+def _pool_map(fn, items: list, workers: int, ordered: bool = True):
+    """``fn`` over ``items``: in this process, or in ``workers`` forked processes (one thread each)."""
+    if workers == 1 or len(items) == 1:
+        yield from map(fn, items)
+        return
+    with mp.get_context("fork").Pool(min(workers, len(items)), initializer=_init_worker) as pool:
+        yield from (pool.imap if ordered else pool.imap_unordered)(fn, items)
+
+
+def _auto_chunk(chunk: list, workers: int, write, bar) -> None:
+    """``replay=auto`` over a chunk of prompts: batched references (the prompts split over the
+    workers), then one unit per configuration over all the chunk's prompts, spread over the workers
+    (the sequential-by-nature ones first: they are the long ones)."""
+    shares = [[(pid, ids) for pid, ids, _ in chunk[i::workers]] for i in range(workers)]
+    records: dict[str, ReferenceRecord] = {}
+    for records_part, seconds in _pool_map(_record_group, [s for s in shares if s], workers):
+        _save_traces(records_part)
+        write({REFERENCES: _reference_rows(records_part, seconds / len(records_part), len(records_part))})
+        records |= {r.trace.prompt_id: r for r in records_part}
+    _WORK["records"] = [records[pid] for pid, _, _ in chunk]
+    units = []
+    for cfg in _WORK["configs"]:
+        indices = [i for i, (_, _, todo) in enumerate(chunk) if cfg in todo]
+        if indices:
+            units.append((cfg, indices))
+    units.sort(key=lambda u: u[0].alignment.token_period == 1)  # batched (long) units first
+    for result in _pool_map(_replay_unit, units, workers, ordered=False):
+        write(result)
+        bar.update(len(result[RUNS]))
 
 
 def shadow_bytes_rows(
@@ -180,10 +268,25 @@ def evaluate(
     int8_threshold: float = 6.0,
     workers: int | str | None = "auto",
     save_traces: bool = True,
+    replay: str = "auto",
+    batch_prompts: int = 32,
 ) -> dict[str, float]:
-    """Fill the run's tables for every (precision, mode, prompt) not done yet; returns timings."""
+    """Fill the run's tables for every (precision, mode, prompt) not done yet; returns timings.
+
+    ``replay``: ``auto`` takes the fastest exact path per configuration (``odmoe.predict.sep.replay``:
+    one parallel pass per prompt for token period 1, all prompts as one batch otherwise) after
+    batched reference decodes; ``sequential`` forces the reference: per prompt ``record_reference``
+    and ``emulate``. ``batch_prompts`` caps the prompts handled together (their reference KV is held
+    in memory). Seconds of a batched pass are split evenly over its prompts in the tables.
+    """
     from tqdm import tqdm
 
+    if replay not in REPLAYS:
+        raise OdmoeError(
+            f"unknown replay {replay!r}; use auto (fastest exact path) or sequential (reference)"
+        )
+    if int(batch_prompts) < 1:
+        raise OdmoeError(f"batch_prompts must be >= 1, got {batch_prompts}")
     precisions, modes = list(precisions), list(modes)
     configs = [Config(p, m, Alignment.parse(m, kv_positions, prompt_kv)) for p in precisions for m in modes]
     tables = {name: run.table(name, key) for name, key in KEYS.items()}
@@ -211,7 +314,11 @@ def evaluate(
     n_workers = default_workers(device, len(tasks)) if workers in (None, "auto") else int(workers)
     n_workers = max(1, min(n_workers, len(tasks))) if device.type == "cpu" else 1
     _WORK.update(
-        lm=lm, shadows=shadows, output_len=output_len, trace_dir=run.path("traces") if save_traces else None
+        lm=lm,
+        shadows=shadows,
+        configs=configs,
+        output_len=output_len,
+        trace_dir=run.path("traces") if save_traces else None,
     )
 
     def write(result: dict[str, list]) -> None:
@@ -222,17 +329,16 @@ def evaluate(
                 tables[name].add(row)
 
     t1 = time.perf_counter()
+    units = sum(len(todo) for _, _, todo in tasks)
     try:
-        bar = tqdm(total=len(tasks), desc=f"SEP recall ({n_workers} worker(s))", leave=False)
-        if n_workers == 1:
-            for task in tasks:
-                write(_evaluate_prompt(task))
-                bar.update()
+        bar = tqdm(total=units, desc=f"SEP recall ({replay} replay, {n_workers} worker(s))", leave=False)
+        if replay == "sequential":
+            for result in _pool_map(_sequential_prompt, tasks, n_workers, ordered=False):
+                write(result)
+                bar.update(len(result[RUNS]))
         else:
-            with mp.get_context("fork").Pool(n_workers, initializer=_init_worker) as pool:
-                for result in pool.imap_unordered(_evaluate_prompt, tasks):
-                    write(result)
-                    bar.update()
+            for i in range(0, len(tasks), int(batch_prompts)):
+                _auto_chunk(tasks[i : i + int(batch_prompts)], n_workers, write, bar)
         bar.close()
     finally:
         _WORK.clear()
@@ -240,6 +346,7 @@ def evaluate(
         "shadow_build_s": round(build_s, 3),
         "decode_s": round(time.perf_counter() - t1, 3),
         "workers": n_workers,
+        "replay": replay,
     }
 
 

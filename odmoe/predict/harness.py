@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from odmoe.errors import OdmoeError
 from odmoe.metrics import hits as set_hits
 from odmoe.models.adapter import MoEAdapter
 from odmoe.trace import Trace
+
+if TYPE_CHECKING:
+    from odmoe.predict.sep import ReferenceRecord
 
 TAPS = ("x", "h", "u")
 
@@ -150,6 +154,41 @@ def _split_calls(calls, num_slots: int) -> tuple[dict[str, np.ndarray], dict[str
     return prefill, decode
 
 
+def capture_references(
+    model, adapter: MoEAdapter, prompts: Sequence[tuple[str, Sequence[int]]], output_len: int
+) -> list[tuple[Capture, ReferenceRecord]]:
+    """``capture_reference`` of several (prompt_id, prompt) pairs as one batched decode.
+
+    The taps of a batched forward call hold every row: the prefill call is [B, width, ...] with each
+    row's padding first (dropped here), a decode call [B, ...].
+    """
+    from odmoe.predict.sep import record_references
+
+    if len(prompts) == 1:
+        return [capture_reference(model, adapter, *prompts[0], output_len)]
+    with _state_hooks(adapter) as calls:
+        records = record_references(model, adapter, prompts, output_len)
+    rows, width = len(prompts), max(len(p) for _, p in prompts)
+    out = []
+    for b, ((pid, prompt), record) in enumerate(zip(prompts, records, strict=True)):
+        pad = width - len(prompt)
+        prefill, decode = {}, {}
+        for tap in (*TAPS, "p"):
+            per_slot = [calls[(tap, s)] for s in range(adapter.num_moe_layers)]
+            prefill[tap] = torch.stack([c[0].reshape(rows, width, -1)[b, pad:] for c in per_slot], 1).numpy()
+            decode[tap] = torch.stack([torch.stack([x[b] for x in c[1:]]) for c in per_slot], 1).numpy()
+        out.append((Capture(pid, record.trace, _prompt_embedding(model, prompt), prefill, decode), record))
+    return out
+
+
+def _prompt_embedding(model, prompt: Sequence[int]) -> np.ndarray:
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(
+            torch.as_tensor(list(prompt), device=next(model.parameters()).device)
+        )
+    return emb.float().mean(0).cpu().numpy()
+
+
 def capture_reference(model, adapter: MoEAdapter, prompt_id: str, prompt: Sequence[int], output_len: int):
     """Greedy reference decode with every tap recorded: ``(Capture, ReferenceRecord)``.
 
@@ -161,11 +200,7 @@ def capture_reference(model, adapter: MoEAdapter, prompt_id: str, prompt: Sequen
     with _state_hooks(adapter) as calls:
         record = record_reference(model, adapter, prompt_id, prompt, output_len)
     prefill, decode = _split_calls(calls, adapter.num_moe_layers)
-    with torch.no_grad():
-        emb = model.get_input_embeddings()(
-            torch.as_tensor(list(prompt), device=next(model.parameters()).device)
-        )
-    capture = Capture(prompt_id, record.trace, emb.float().mean(0).cpu().numpy(), prefill, decode)
+    capture = Capture(prompt_id, record.trace, _prompt_embedding(model, prompt), prefill, decode)
     return capture, record
 
 

@@ -191,6 +191,10 @@ def quantize_linear(
             compress_statistics=False,
             quant_type="nf4",
         )
+        # On CPUs with AVX512-BF16 bitsandbytes repacks the weight on first use with bf16 absmax, which
+        # changes the arithmetic by host and fails for in_features < 64 (reshape to [out, 0]): keep its
+        # generic fp32-absmax path everywhere, the one the block-64 NF4 format describes.
+        q.support_avx512bf16_for_cpu = False
         q.weight = bnb.nn.Params4bit(
             w16.cpu(),
             requires_grad=False,
