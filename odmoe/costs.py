@@ -418,7 +418,9 @@ class Pricer:
         """The shared experts of one MoE layer on the main node (0 for shapes without them)."""
         return self.costs.shared(self.tokens)
 
-    def expert(self, tokens: int, first: bool = True, nbytes: float | None = None, on: str = "worker") -> float:
+    def expert(
+        self, tokens: int, first: bool = True, nbytes: float | None = None, on: str = "worker"
+    ) -> float:
         """One expert over ``tokens`` rows reading ``nbytes`` of weights (default: a worker expert at the
         workers' format), on a worker or (``on="device"``) on an offload engine's single device; the per-call
         overhead is paid by a call's first expert."""

@@ -71,7 +71,9 @@ def test_engine_records_replay_to_the_measured_speed(micro_mixtral, name, cfg):
     lm = micro_mixtral
     hw = load_profile("cpu-emulated")
     prompt = lm.tokenizer("In the beginning God created the heaven and the earth")["input_ids"][:10]
-    engine = build_engine(name, cfg, lm, hw, Timing("modelled"))  # deterministic: the host's load cannot enter
+    engine = build_engine(
+        name, cfg, lm, hw, Timing("modelled")
+    )  # deterministic: the host's load cannot enter
     try:
         result = engine.generate(prompt, 24, record=True)
     finally:

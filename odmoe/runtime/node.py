@@ -74,7 +74,9 @@ class Node:
     # ---- failure ---------------------------------------------------------------------------
     def fail(self, error: BaseException | str) -> None:
         """Publish this rank's failure (unless another rank's came first), print one line, exit."""
-        if os.environ.get("ODMOE_DEBUG") and isinstance(error, BaseException):  # the whole story, for developers
+        if os.environ.get("ODMOE_DEBUG") and isinstance(
+            error, BaseException
+        ):  # the whole story, for developers
             import traceback
 
             traceback.print_exception(error, file=sys.stderr)
