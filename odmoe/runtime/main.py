@@ -208,7 +208,8 @@ class MainNode:
             comm.send(r, Kind.START, 0, 0, [i, P, out_len], torch.tensor(prompt) if r == SHADOW else None)
         cache = DynamicCache(config=self.model.config)
         logits = forward_step(self.model, torch.tensor([prompt], device=dev), cache)
-        token = next_token(self.model, prompt, logits)
+        forced = job.get("forced")  # teacher forcing (scoring): feed these tokens instead of the chosen ones
+        token = int(forced[0]) if forced else next_token(self.model, prompt, logits)
         t_first = now()
         all_logits = [logits.float().cpu().numpy()] if collect else None
         ledger.set("kv", _cache_bytes(cache))
@@ -225,7 +226,7 @@ class MainNode:
             req.n, req.phase, req.context = n, "decode", P + n
             req.prev = t_it = now()
             logits = forward_step(self.model, torch.tensor([[token]], device=dev), cache)
-            token = next_token(self.model, prompt + tokens, logits)
+            token = int(forced[n]) if forced else next_token(self.model, prompt + tokens, logits)
             tokens.append(token)
             if collect:
                 all_logits.append(logits.float().cpu().numpy())
