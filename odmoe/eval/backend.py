@@ -11,8 +11,8 @@ the shipped tasks on its include path)::
 ``model_args`` are Hydra overrides of the project's config (``conf/``): ``system`` picks
 ``conf/system/<name>.yaml``, ``model``/``hardware`` pick those groups, and dotted keys override fields
 (``system.t1=2.0``, ``system.shadow.precision=int8``, ``model.path=...``). A few keys belong to the backend:
-``max_gen_toks`` (default 256), ``add_bos_token`` (default false, as lm-eval's ``hf`` backend for causal
-models), ``work_dir`` (OD-MoE's cluster directory; default a temporary one), ``max_logit_mb`` (OD-MoE:
+``max_gen_toks`` (default 256), ``add_bos_token`` (default: the tokenizer's own choice, as lm-eval's ``hf``
+backend: Mixtral's adds BOS, the embedded models' adds nothing), ``work_dir`` (OD-MoE's cluster directory; default a temporary one), ``max_logit_mb`` (OD-MoE:
 logits saved per cluster launch, default 2000).
 
 From Python (``simple_evaluate`` takes the instance)::
@@ -76,14 +76,14 @@ class OdmoeLM(TemplateLM):
         executor: Executor,
         tokenizer,
         max_gen_toks: int = 256,
-        add_bos_token: bool = False,
+        add_bos_token: bool | None = None,
         cleanup: Path | None = None,
     ):
         super().__init__()
         self.executor = executor
         self.tokenizer = tokenizer
         self.max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = bool(add_bos_token)
+        self.add_bos_token = add_bos_token
         self._cleanup = cleanup
         if self.tokenizer.eos_token_id is None:
             raise OdmoeError("the model's tokenizer has no EOS token, which the harness needs as a prefix")
@@ -112,7 +112,7 @@ class OdmoeLM(TemplateLM):
             executor,
             lm.tokenizer,
             int(own.get("max_gen_toks", 256)),
-            bool(own.get("add_bos_token", False)),
+            own.get("add_bos_token"),
             cleanup,
         )
 
@@ -143,12 +143,23 @@ class OdmoeLM(TemplateLM):
     def get_model_info(self) -> dict[str, Any]:
         return {f"odmoe_{k}": v for k, v in self.executor.info().items()}
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        ids = self.tokenizer.encode(string, add_special_tokens=False)
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context conditions on: BOS, else EOS (as lm-eval's ``hf`` backend)."""
         bos = self.tokenizer.bos_token_id
-        if (add_special_tokens or (add_special_tokens is None and self.add_bos_token)) and bos is not None:
-            ids = [bos, *ids]
-        return ids
+        return int(bos) if bos is not None else self.eot_token_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """Token ids of ``string``; special tokens as lm-eval's ``hf`` backend adds them (the tokenizer's
+        default unless ``add_bos_token`` or the caller says otherwise; never a second BOS)."""
+        if add_special_tokens is None:
+            add_special_tokens = self.add_bos_token
+        bos = self.tokenizer.bos_token
+        if add_special_tokens is None and bos and string.startswith(bos):
+            add_special_tokens = False
+        if add_special_tokens is None:
+            return self.tokenizer.encode(string)
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
