@@ -44,7 +44,12 @@ def task_manager(
     """lm-eval's ``TaskManager`` over the shipped tasks and ``include_path``; lm-eval's own ~15k task
     configs are indexed (``defaults``) only when some requested task is not among those, as indexing them
     takes seconds."""
-    from lm_eval.tasks import TaskManager
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise OdmoeError(
+            f"lm-evaluation-harness is not installed ({e}); install the extra: pip install -e '.[eval]'"
+        ) from None
 
     paths = [TASKS_DIR, *(Path(p).expanduser() for p in include_path)]
     for p in paths[1:]:
