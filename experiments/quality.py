@@ -53,7 +53,9 @@ def headline(results: Mapping, task: str) -> tuple[str, float, float, dict]:
     res = results["results"].get(task)
     if res is None:
         raise OdmoeError(f"lm-eval returned no results for task {task}")
-    metrics = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {  # lm-eval's "metric,filter" keys (not sample_len, alias, ...)
+        k: v for k, v in res.items() if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     key = paper.TASKS.get(task, (None, None))[1]
     if key not in metrics:  # not a known task: its first metric
         key = next((k for k in metrics if "_stderr" not in k), None)

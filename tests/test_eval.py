@@ -23,7 +23,7 @@ from odmoe.errors import OdmoeError
 from odmoe.eval.backend import OdmoeLM
 from odmoe.eval.executors import CachedExecutor, EngineExecutor
 from odmoe.eval.harness import load_task, task_manager
-from odmoe.eval.tasks.kjv_next_verse import documents
+from odmoe.eval.tasks.kjv import next_verse_documents, next_word_documents
 from odmoe.hardware import load_profile
 from odmoe.paths import repo_root
 from odmoe.results import Run
@@ -47,7 +47,7 @@ def task_pairs(backend: OdmoeLM, docs: int) -> list[Instance]:
     """Every choice of the shipped task's first documents, as the harness asks for them."""
     return [
         request("loglikelihood", d["context"], " " + choice)
-        for d in documents()[:docs]
+        for d in next_verse_documents()[:docs]
         for choice in d["choices"]
     ]
 
@@ -132,7 +132,8 @@ def test_missing_task_data_is_one_clear_error(tmp_path):
         load_task(tm, "needs_hub_data")
     with pytest.raises(OdmoeError, match="unknown lm-eval task"):
         task_manager(["kjv_next_versee"], [tmp_path], defaults=False)
-    assert load_task(task_manager(["kjv_next_verse"]), "kjv_next_verse")["tasks"]["kjv_next_verse"]
+    shipped = load_task(task_manager(["kjv_next_verse", "kjv_next_word"]), "kjv_next_word")["tasks"]
+    assert len(shipped["kjv_next_word"].dataset["test"]) == len(next_word_documents()) == 60
 
 
 def quality(tmp_path, *overrides: str) -> tuple[dict, Run]:
@@ -144,7 +145,7 @@ def quality(tmp_path, *overrides: str) -> tuple[dict, Run]:
 
 
 def loglikelihoods(run: Run, system: str) -> np.ndarray:
-    path = run.path("lm_eval") / system / "kjv_next_verse.samples.jsonl"
+    path = run.path("lm_eval") / system / "kjv_next_word.samples.jsonl"
     rows = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda r: r["doc_id"])
     return np.array([[choice[0] for choice in r["filtered_resps"]] for r in rows])
 
@@ -152,6 +153,7 @@ def loglikelihoods(run: Run, system: str) -> np.ndarray:
 def test_quality_experiment_lossless_systems_score_identically(tmp_path, micro_mixtral_dir):
     args = (
         "exp.systems=[cached,odmoe,moe_infinity,mixtral_offloading]",
+        "exp.tasks=[kjv_next_word]",
         "exp.limit=5",
         "+exp.overrides.odmoe.workers=4",
         "+exp.overrides.odmoe.timeout_s=60",
@@ -167,12 +169,12 @@ def test_quality_experiment_lossless_systems_score_identically(tmp_path, micro_m
         assert np.abs(loglikelihoods(run, system) - ref).max() < 1e-4
     assert np.abs(loglikelihoods(run, "mixtral_offloading") - ref).max() > 1e-3  # NF4 experts
     md = run.path("quality.md").read_text()
-    assert "| kjv_next_verse | acc,none |" in md and "MT-Bench-101" in md
+    assert "| kjv_next_word | acc,none |" in md and "MT-Bench-101" in md
     # resumable per (system, task): a rerun computes nothing (no cluster is started)
     (run.path("cluster-odmoe") / "requests.jsonl").unlink()
     again, _ = quality(tmp_path / "q", *args)
     assert not (run.path("cluster-odmoe") / "requests.jsonl").exists()
-    assert again["cached_kjv_next_verse"] == summary["cached_kjv_next_verse"]
+    assert again["cached_kjv_next_word"] == summary["cached_kjv_next_word"]
 
 
 def test_lm_eval_command_line_runs_the_backend(tmp_path, micro_mixtral_dir, odmoe_home):
@@ -189,7 +191,7 @@ def test_lm_eval_command_line_runs_the_backend(tmp_path, micro_mixtral_dir, odmo
         "--device",
         "cpu",
         "--tasks",
-        "kjv_next_verse",
+        "kjv_next_word",
         "--limit",
         "2",
         "--output_path",
@@ -199,5 +201,5 @@ def test_lm_eval_command_line_runs_the_backend(tmp_path, micro_mixtral_dir, odmo
     assert res.returncode == 0, res.stderr[-2000:]
     [path] = tmp_path.rglob("results_*.json")
     out = json.loads(path.read_text())
-    assert 0 <= out["results"]["kjv_next_verse"]["acc,none"] <= 1
+    assert 0 <= out["results"]["kjv_next_word"]["acc,none"] <= 1
     assert out["config"]["odmoe_system"] == "hobbit" and out["config"]["odmoe_lossy"] is False

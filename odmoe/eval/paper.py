@@ -43,6 +43,7 @@ TASKS = {
     "truthfulqa_mc2": ("TruthfulQA", "acc,none"),
     "truthfulqa_mc1": ("TruthfulQA", "acc,none"),
     "kjv_next_verse": (None, "acc,none"),
+    "kjv_next_word": (None, "acc,none"),
 }
 # the paper's benchmarks lm-eval does not ship, and why
 NOT_IN_LM_EVAL = {
