@@ -12,7 +12,8 @@ system starts, with one error naming it.
 
 Outputs: ``quality.csv`` (one row per (system, task): the headline metric, its standard error, every metric
 as JSON; resumable: a rerun skips finished pairs), ``quality.md`` (tasks x systems beside the paper's
-numbers, ``odmoe.eval.paper``), ``lm_eval/<system>/<task>.json`` (lm-eval's results) and, with
+numbers, ``odmoe.eval.paper``; then each system's largest log-likelihood difference from the fully cached
+model and how often it picks the same choice, also in ``versus_cached.csv``), ``lm_eval/<system>/<task>.json`` (lm-eval's results) and, with
 ``exp.log_samples``, ``lm_eval/<system>/<task>.samples.jsonl`` (every document's requests and answers).
 """
 
@@ -152,8 +153,58 @@ def run(cfg, run: Run) -> dict:
         finally:
             olm.close()
     frame = table.frame()
-    run.path("quality.md").write_text(markdown(frame, systems, tasks, _note(lm.name, e)))
-    return summarize(frame, systems, tasks) | {"model": lm.name}
+    versus = against_cached(run, systems, tasks) if e.log_samples and "cached" in systems else pd.DataFrame()
+    versus.to_csv(run.path("versus_cached.csv"), index=False)
+    run.path("quality.md").write_text(markdown(frame, systems, tasks, _note(lm.name, e), versus))
+    return summarize(frame, systems, tasks, versus) | {"model": lm.name}
+
+
+def _loglikelihoods(run: Run, system: str, task: str) -> dict[tuple[str, int], list[float]]:
+    """(subtask, document) -> the log-likelihood of each choice, from the samples file."""
+    out = {}
+    path = run.path("lm_eval") / system / f"{task}.samples.jsonl"
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        resps = r["filtered_resps"]
+        if resps and isinstance(resps[0], (list, tuple)):  # loglikelihood requests: (logprob, is_greedy)
+            out[(r["task"], int(r["doc_id"]))] = [float(x[0]) for x in resps]
+    return out
+
+
+def against_cached(run: Run, systems: list[str], tasks: list[str]) -> pd.DataFrame:
+    """Per (system, task): the largest |log-likelihood difference| from the fully cached model over every
+    scored choice, and the share of documents where the system picks the cached model's choice."""
+    rows = []
+    for task in tasks:
+        if not (run.path("lm_eval") / "cached" / f"{task}.samples.jsonl").exists():
+            continue
+        ref = _loglikelihoods(run, "cached", task)
+        if not ref:
+            continue
+        for system in systems:
+            path = run.path("lm_eval") / system / f"{task}.samples.jsonl"
+            if system == "cached" or not path.exists():
+                continue
+            got = _loglikelihoods(run, system, task)
+            keys = [k for k in ref if k in got]
+            diff = max(max(abs(a - b) for a, b in zip(ref[k], got[k], strict=True)) for k in keys)
+            same = sum(
+                int(
+                    max(range(len(ref[k])), key=ref[k].__getitem__)
+                    == max(range(len(got[k])), key=got[k].__getitem__)
+                )
+                for k in keys
+            )
+            rows.append(
+                {
+                    "system": system,
+                    "task": task,
+                    "documents": len(keys),
+                    "max_abs_loglik_diff": diff,
+                    "same_choice_share": same / len(keys),
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 def _note(model: str, e) -> str:
@@ -165,8 +216,10 @@ def _note(model: str, e) -> str:
     )
 
 
-def markdown(frame: pd.DataFrame, systems: list[str], tasks: list[str], note: str) -> str:
-    """Tasks x systems, each cell 'measured (paper)' in percent."""
+def markdown(
+    frame: pd.DataFrame, systems: list[str], tasks: list[str], note: str, versus: pd.DataFrame | None = None
+) -> str:
+    """Tasks x systems, each cell 'measured (paper)' in percent; then each system against the cached model."""
     lines = [f"# Answer quality (Table 2, quality half)\n\n{note}\n"]
     lines.append("| task | metric | " + " | ".join(systems) + " |")
     lines.append("|---|---|" + "---|" * len(systems))
@@ -180,16 +233,32 @@ def markdown(frame: pd.DataFrame, systems: list[str], tasks: list[str], note: st
             ref = paper.paper_value(task, system)
             cells.append(measured if ref is None else f"{measured} ({ref:.2f})")
         lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    if versus is not None and len(versus):
+        lines.append(
+            "\nAgainst the fully cached model, over every scored choice: the largest |log-likelihood "
+            "difference| and the share of documents answered with the same choice.\n"
+        )
+        lines.append("| task | system | max abs log-likelihood difference | same choice |")
+        lines.append("|---|---|---|---|")
+        for r in versus.itertuples():
+            lines.append(
+                f"| {r.task} | {r.system} | {r.max_abs_loglik_diff:.3g} | {100 * r.same_choice_share:.1f}% |"
+            )
     missing = ", ".join(f"{b} ({why})" for b, why in paper.NOT_IN_LM_EVAL.items())
     lines.append(f"\nNot measurable through lm-eval: {missing}.\n")
     return "\n".join(lines)
 
 
-def summarize(frame: pd.DataFrame, systems: list[str], tasks: list[str]) -> dict:
-    """``<system>_<task>`` headline values, and whether every lossless system scored the same on each task."""
+def summarize(
+    frame: pd.DataFrame, systems: list[str], tasks: list[str], versus: pd.DataFrame | None = None
+) -> dict:
+    """``<system>_<task>`` headline values (and largest log-likelihood difference from the cached model), and
+    whether every lossless system scored the same on each task."""
     s: dict = {"systems": len(systems), "tasks": len(tasks)}
     for r in frame.itertuples():
         s[f"{r.system}_{r.task}"] = float(r.value)
+    for r in (versus if versus is not None else pd.DataFrame()).itertuples():
+        s[f"{r.system}_{r.task}_max_loglik_diff"] = float(r.max_abs_loglik_diff)
     lossless = frame[~frame.lossy.astype(bool)]
     if len(lossless):
         s["lossless_systems_agree"] = bool((lossless.groupby("task").value.nunique() == 1).all())

@@ -168,6 +168,8 @@ def test_quality_experiment_lossless_systems_score_identically(tmp_path, micro_m
     for system in ("odmoe", "moe_infinity"):  # the runtime and an fp32 engine policy: the same answers
         assert np.abs(loglikelihoods(run, system) - ref).max() < 1e-4
     assert np.abs(loglikelihoods(run, "mixtral_offloading") - ref).max() > 1e-3  # NF4 experts
+    assert summary["odmoe_kjv_next_word_max_loglik_diff"] < 1e-4
+    assert summary["mixtral_offloading_kjv_next_word_max_loglik_diff"] > 1e-3
     md = run.path("quality.md").read_text()
     assert "| kjv_next_word | acc,none |" in md and "MT-Bench-101" in md
     # resumable per (system, task): a rerun computes nothing (no cluster is started)
