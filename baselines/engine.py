@@ -515,6 +515,20 @@ class OffloadEngine:
         )
 
     @torch.no_grad()
+    def score(self, prompt: Sequence[int], forced: Sequence[int]) -> torch.Tensor:
+        """Teacher-forced logits [len(forced), V]: ``prompt`` prefilled, then ``forced`` fed one token per
+        step (the decode path, where the lossy tricks act), as a request whose output is ``forced`` runs;
+        row i scores ``forced[i]``. Answer-quality benchmarks score choices this way (``odmoe.eval``)."""
+        check_length(self.model, len(prompt), len(forced))
+        self._begin(prompt)
+        kv = DynamicCache(config=self.model.config)
+        rows = [self._step(torch.as_tensor(list(prompt), device=self.device)[None], kv, len(prompt))]
+        for i, token in enumerate(forced[:-1]):
+            rows.append(self._step(torch.tensor([[int(token)]], device=self.device), kv, len(prompt) + i + 1))
+        self.policy.end_request(self)
+        return torch.stack(rows)
+
+    @torch.no_grad()
     def perplexity(self, token_ids: Sequence[int]) -> float:
         """Teacher-forced perplexity, one token per step (the decode path, where the lossy tricks act)."""
         self._begin(token_ids[:1])

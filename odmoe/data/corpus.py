@@ -35,14 +35,20 @@ def kjv_path() -> Path:
 
 
 @lru_cache(maxsize=1)
-def chapters() -> tuple[str, ...]:
-    """All chapters in canonical order, each as its verses joined by spaces."""
+def chapter_verses() -> tuple[tuple[str, ...], ...]:
+    """All chapters in canonical order, each as its verses."""
     out: dict[tuple[str, int], list[str]] = {}
     with kjv_path().open() as f:
         for line in f:
             verse = json.loads(line)
             out.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"].strip())
-    return tuple(" ".join(verses) for verses in out.values())
+    return tuple(tuple(verses) for verses in out.values())
+
+
+@lru_cache(maxsize=1)
+def chapters() -> tuple[str, ...]:
+    """All chapters in canonical order, each as its verses joined by spaces."""
+    return tuple(" ".join(verses) for verses in chapter_verses())
 
 
 def split_of(index: int) -> str:

@@ -234,7 +234,8 @@ class MainNode:
         logits = forward_step(self.model, torch.tensor([prompt], device=dev), cache)
         if pricer is not None:
             clock.charge(pricer.finish())
-        token = next_token(self.model, prompt, logits)
+        forced = job.get("forced")  # teacher forcing (scoring): feed these tokens instead of the chosen ones
+        token = int(forced[0]) if forced else next_token(self.model, prompt, logits)
         t_first, b_first = clock.now(), clock.bound()
         with clock.paused():
             all_logits = [logits.float().cpu().numpy()] if collect else None
@@ -256,7 +257,7 @@ class MainNode:
             logits = forward_step(self.model, torch.tensor([[token]], device=dev), cache)
             if pricer is not None:
                 clock.charge(pricer.finish())
-            token = next_token(self.model, prompt + tokens, logits)
+            token = int(forced[n]) if forced else next_token(self.model, prompt + tokens, logits)
             tokens.append(token)
             if collect:
                 with clock.paused():
