@@ -97,8 +97,16 @@ def test_generate_until_cuts_at_the_first_stop_sequence(micro_mixtral):
 @pytest.mark.parametrize(
     "name, off, on",
     [
-        ("mixtral_offloading", {"quantize": "none"}, {"quantize": "nf4"}),  # low-bit experts
-        ("adapmoe", {"quantize": "none", "tau": 0.0}, {"quantize": "none"}),  # adaptive gating alone
+        (
+            "mixtral_offloading",
+            {"quantize": "none", "attention": "none"},
+            {"quantize": "hqq2", "attention": "none"},
+        ),
+        (
+            "adapmoe",
+            {"quantize": "none", "attention": "none", "sensitivity_budget": 0.0},
+            {"quantize": "none", "attention": "none"},
+        ),
         ("hobbit", {"t1": 2.0, "t2": 2.0}, {}),  # mixed precision and skipping on a miss
     ],
 )
