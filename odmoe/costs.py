@@ -378,8 +378,7 @@ class Pricer:
 
     Executed decoder layer ``i`` is priced as layer ``i mod L`` of the priced shape (``L`` its depth), so an
     embedded model can run the real tokens, routing and predictions while the clock charges, say,
-    Mixtral-8x7B's bytes and FLOPs per layer (:attr:`depth_scale` says how many priced layers one executed
-    layer stands for, for reports at the shape's depth). ``kind`` says who computes a layer: ``main`` (attention,
+    Mixtral-8x7B's bytes and FLOPs per layer (``+exp=e2e`` scales reports to the shape's depth). ``kind`` says who computes a layer: ``main`` (attention,
     norms, router; shared experts are charged apart, after the dispatch), ``shadow`` (a whole quantized layer)
     or ``cached`` (a whole layer with its experts resident on one device).
     """
@@ -388,7 +387,6 @@ class Pricer:
         if kind not in ("main", "shadow", "cached"):
             raise OdmoeError(f"unknown pricer kind {kind!r}")
         self.costs, self.num_layers, self.kind = costs, num_layers, kind
-        self.depth_scale = costs.shape.num_layers / num_layers
         self.tokens, self.ctx, self.next = 1, 0, 0
 
     def begin(self, tokens: int, ctx: int) -> None:

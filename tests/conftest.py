@@ -43,3 +43,12 @@ def micro_mixtral(micro_mixtral_dir) -> LoadedModel:
 @pytest.fixture
 def micro_qwen2moe(micro_qwen2moe_dir) -> LoadedModel:
     return load_model("micro-qwen2moe", device="cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Micro models are all per-op overhead: one thread avoids contention on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -36,12 +36,7 @@ PROMPTS = [
 OUT = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _records(lm, prompts=PROMPTS, out=OUT):

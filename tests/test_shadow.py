@@ -18,13 +18,7 @@ from odmoe.predict.quantize import require_bitsandbytes
 PROMPT = (7, 42, 99, 3, 250, 11, 64, 301)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models are all per-op overhead: one thread avoids contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
