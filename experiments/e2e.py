@@ -72,7 +72,7 @@ COLUMNS = (
     "stall_s stalled_layers mispredicted_experts unpredicted_layers reloads expert_slots expert_slots_hit "
     "bytes_loaded loads peak_total peak_main peak_shadow peak_worker_max peak_worker_mean prefill_peak_total "
     "t_main_mean_s t_worker_nostall_mean_s lead_mean lead_p10 lead_p50 lead_ahead_share lead_hist exact "
-    "agreement tokens"
+    "agreement tokens prefill_counts"
 ).split()
 # table2.csv: the same columns for every system (NaN where a column does not apply)
 TABLE2 = (
@@ -169,6 +169,8 @@ def _row(system: str, workload: str, prompt_id: str, r: dict, reference: Sequenc
         exact=list(r["tokens"]) == list(reference),
         agreement=float(np.mean(np.asarray(r["tokens"]) == np.asarray(reference))),
         tokens=" ".join(str(t) for t in r["tokens"]),
+        # OD-MoE: the prompt's rows per expert, per MoE layer (row-major), for the simulator's prefill
+        prefill_counts=" ".join(str(c) for layer in r.get("prefill_counts", []) for c in layer) or np.nan,
     )
     return row
 

@@ -44,6 +44,12 @@ buffers, the link and the prediction trace; the main node's FIFOs; alignment), h
 time; and prefill, which the runtime does not time per layer: the measured one-token costs plus the model's
 cost of the prompt's other tokens (``MeasuredCosts(extrapolate=True)``).
 
+A ``timing=modelled`` run (at the executed model's shape) is priced with the cost model itself, so none of the
+measured costs above are taken: with ``exp.predictions=shadow`` only the per-(iteration, layer) prediction
+outcomes come from the run, and agreement checks the simulator's schedule against the runtime's (docs/simulator.md,
+"Two schedules of one modelled run"). The prefill replays the run's own routing (``requests.csv``'s
+``prefill_counts``) where recorded.
+
 The older interface takes three hand-made files instead of a run directory (``exp.layer_times``,
 ``exp.recall_trace``, ``exp.measured``; formats in docs/simulator.md).
 """
@@ -341,6 +347,22 @@ def derive_inputs(
     return RequestInputs(table, hop, load_s, load_measured, message_s, hits, timely_grid, right)
 
 
+def prefill_counts(request: pd.Series, shape: ModelShape) -> np.ndarray | None:
+    """The prompt's rows per expert per MoE layer as the run routed them (``requests.csv``'s
+    ``prefill_counts``); None for runs made before it was recorded (the simulator then assumes uniform
+    routing, which loads and computes experts that real routing leaves without rows)."""
+    value = request.get("prefill_counts")
+    if not isinstance(value, str) or not value.strip():
+        return None
+    counts = np.array(value.split(), dtype=float)
+    if counts.size != shape.num_moe_layers * shape.num_experts:
+        raise OdmoeError(
+            f"requests.csv's prefill_counts has {counts.size} values; {shape.name} needs "
+            f"{shape.num_moe_layers} MoE layers x {shape.num_experts} experts"
+        )
+    return counts.reshape(shape.num_moe_layers, shape.num_experts)
+
+
 class RunCosts(MeasuredCosts):
     """Measured costs of one request; shared experts are inside the measured ``t_main`` (HF computes them in the
     layer's MLP block on the main node), so they cost nothing on top; ``prefill_message`` is added to every
@@ -452,10 +474,11 @@ def from_run(path: Path, run: Run, predictions: str = "trace") -> dict:
         x = derive_inputs(seg, r, shape, m.odmoe, base)
         costs = base if modelled else RunCosts(base, x.table, x.latency, x.message_s)
         P, out_len = int(r.prompt_len), int(r.output_len)
+        counts = prefill_counts(r, shape)
         if predictions == "trace":
-            sim = simulate_request(shape, costs, m.odmoe, P, out_len, x.hits, timely=x.timely)
+            sim = simulate_request(shape, costs, m.odmoe, P, out_len, x.hits, counts, timely=x.timely)
         else:
-            sim = simulate_request(shape, costs, m.odmoe, P, out_len, x.right)
+            sim = simulate_request(shape, costs, m.odmoe, P, out_len, x.right, counts)
         inputs.append(
             x.table.assign(request=str(r.get("prompt_id", "")), workload=r.workload, latency_s=x.latency)
         )

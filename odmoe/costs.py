@@ -81,14 +81,34 @@ class Link:
         hw.need("net_bandwidth", "net_latency")
         return cls(hw.net_bandwidth, propagation=hw.net_latency)
 
-    def transfer(self, nbytes: float, at: float) -> float:
-        """Queue ``nbytes`` at time ``at``; returns the delivery time."""
+    @classmethod
+    def fifo(cls, free_at: float = 0.0) -> Link:
+        """A FIFO resource whose occupations are priced by the caller (:meth:`occupy`): the simulator's NIC
+        directions and copy engines, priced by its cost model (``wire``, ``load``), not by a bandwidth."""
+        link = cls(math.inf)
+        link.free_at = free_at
+        return link
+
+    def occupy(self, seconds: float, at: float) -> float:
+        """Hold the link for ``seconds`` from the first moment after ``at`` that it is free; returns when it
+        frees (the FIFO rule every executor and the simulator share)."""
         start = at if at > self.free_at else self.free_at
-        seconds = self.setup + nbytes / self.bandwidth
         self.free_at = start + seconds
         self.busy += seconds
+        return self.free_at
+
+    def transfer(self, nbytes: float, at: float) -> float:
+        """Queue ``nbytes`` at time ``at``; returns the delivery time."""
         self.bytes_moved += int(nbytes)
-        return self.free_at + self.propagation
+        return self.occupy(self.setup + nbytes / self.bandwidth, at) + self.propagation
+
+    def receive(self, nbytes: float, arrive: float) -> float:
+        """The receiving end of a switch port: a message that would arrive at ``arrive`` on an idle port
+        arrives once the port has carried the messages before it (cut-through, ``max(arrive, free +
+        nbytes / bandwidth)``). Messages must come in order of ``arrive``."""
+        self.bytes_moved += int(nbytes)
+        seconds = nbytes / self.bandwidth
+        return self.occupy(seconds, arrive - seconds)
 
     def reset(self, at: float = 0.0) -> None:
         self.free_at = at

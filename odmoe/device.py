@@ -186,6 +186,8 @@ class EmulatedDevice(Device):
         self.clock = clock
         self.link = Link.h2d(profile)
         self.nic, self.nic_bound = Link.nic(profile), Link.nic(profile)
+        # the inbound side of the switch port (used by the main node, whose port every worker sends to)
+        self.port, self.port_bound = Link.nic(profile), Link.nic(profile)
         self.priced_bytes = nbytes
 
     def load(self, slot: int, host: torch.Tensor, at: float = 0.0) -> Load:

@@ -65,6 +65,17 @@ def test_link_is_one_fifo_with_setup_and_propagation():
     assert h2d.busy == pytest.approx(0.024) and h2d.bytes_moved == 20_000
 
 
+def test_receiving_port_serializes_messages_that_converge_on_it():
+    """Two workers' 10 ms outputs that would both arrive at t = 1 on idle ports: the main node's port
+    carries them one after another (the second lands 10 ms later); a later one is not delayed."""
+    port = Link(1e6)
+    assert port.receive(10_000, 1.0) == pytest.approx(1.0)
+    assert port.receive(10_000, 1.0) == pytest.approx(1.01)
+    assert port.receive(10_000, 1.5) == pytest.approx(1.5)
+    fifo = Link.fifo()  # the simulator's: occupations priced by the caller
+    assert fifo.occupy(0.2, 1.0) == 1.2 and fifo.occupy(0.1, 0.0) == pytest.approx(1.3)
+
+
 def test_timing_resolution_and_its_errors():
     emulated, real = load_profile("cpu-emulated"), load_profile("host")
     assert resolve_timing(OmegaConf.create({"mode": "auto"}), emulated).mode == "measured"

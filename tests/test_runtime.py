@@ -286,6 +286,25 @@ def test_e2e_experiment_runs_every_system(micro_mixtral_dir, tmp_path):
     assert all(np.isfinite(s[f"{name}_max_abs_err_pct"]) for name in engine)
 
 
+def test_the_simulator_schedules_a_modelled_run_to_within_2_percent(tmp_path):
+    """Two schedules agree: the simulator (its own scheduler) fed with a modelled run's per-(iteration, layer)
+    prediction outcomes reproduces the runtime's TTFT, decode speed and total stall. They share the cost model
+    and nothing else, so a difference is a bug in one of them (issue 12)."""
+    e2e = [
+        sys.executable, "-m", "experiments.run", "+exp=e2e", "model=micro-mixtral", "timing=modelled",
+        "hardware=cpu-emulated", "exp.systems=[odmoe]", "system.workers=4", "exp.workloads=[[24,12]]",
+        "exp.num_prompts=1", f"results_dir={tmp_path}", "run=t",
+    ]  # fmt: skip
+    out = subprocess.run(e2e, cwd=repo_root(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sim = [sys.executable, "-m", "experiments.run", "+exp=sim_measured", f"exp.e2e_run={tmp_path / 'e2e' / 't'}", "exp.predictions=shadow", f"results_dir={tmp_path}", "run=s"]  # fmt: skip
+    out = subprocess.run(sim, cwd=repo_root(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads((tmp_path / "sim_measured" / "s" / "summary.json").read_text())
+    assert s["odmoe_max_abs_err_pct"] < 2.0, s
+    assert s["odmoe_stall_s_sim"] == pytest.approx(s["odmoe_stall_s_measured"], rel=0.02, abs=1e-4)
+
+
 def _modelled_oracle(lm, jobs, load_s: float | None, **system) -> dict:
     """A modelled-timing spec with an oracle predictor and one expert copy taking ``load_s`` seconds."""
     from odmoe.sim.shapes import shape_from_config

@@ -58,6 +58,9 @@ class Request:
     prev: float = 0.0
     context: int = 0
     rows: list[dict] = field(default_factory=list)
+    prefill_counts: list[list[int]] = field(
+        default_factory=list
+    )  # per MoE layer: the prompt's rows per expert
 
 
 class MainNode:
@@ -99,6 +102,8 @@ class MainNode:
                 memory.main_activation_bytes(self.shape, hidden.shape[0], req.context, self.elem),
             )
             if req.phase == "prefill":
+                counts = torch.bincount(top_k_index.reshape(-1), minlength=self.layout.num_experts)
+                req.prefill_counts.append(counts.tolist())
                 return prefill.exchange(
                     self.node.comm,
                     self.layout,
@@ -140,7 +145,7 @@ class MainNode:
         outs = []
         for _ in true:
             try:
-                outs.append(comm.receive(key_of(Kind.OUTPUT, n, layer), "", ""))
+                outs.append(mb.get(key_of(Kind.OUTPUT, n, layer), "", ""))
             except TimeoutError:  # name the workers whose outputs are missing
                 done = {m.ints[1] for m in outs}
                 late = sorted(
@@ -151,6 +156,7 @@ class MainNode:
                     f"timed out after {mb.timeout:g} s waiting for the expert outputs of iteration {req.n} "
                     f"layer {layer} from {names}"
                 ) from None
+        comm.arrived(outs)
         t_out = clock.now()
         out = torch.zeros_like(hidden)
         by_expert = {m.ints[0]: m for m in outs}
@@ -370,6 +376,7 @@ class MainNode:
             "shadow_weights": int(shadow_end.ints[3]) if shadow_end is not None else 0,
             "shadow_restarts": int(shadow_end.ints[6]) if shadow_end is not None else 0,
             "lead": lead,
+            "prefill_counts": self.req.prefill_counts,
         }
         return out
 

@@ -259,15 +259,22 @@ def _unpack(buf: torch.Tensor, src: int, recv_payload: Callable[[int], torch.Ten
     return Message(Kind(kind), src, n, layer, ints, tensor, sent, arrive, bound)
 
 
+def _payload_bytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
 class Comm:
     """This rank's messaging: sends (stamped with the rank's clock, priced on its NICs when emulated) and
     a mailbox fed by per-peer threads. ``nics`` are the (timeline, bound) NIC links of an emulated device;
     ``costs`` (``timing=modelled``) prices payloads at the cost model's shape."""
 
-    def __init__(self, rank: int, peers: Iterable[int], clock: Clock, nics, costs, timeout: float):
+    def __init__(
+        self, rank: int, peers: Iterable[int], clock: Clock, nics, costs, timeout: float, ports=None
+    ):
         self.rank = rank
         self.clock = clock
         self.nics = nics
+        self.ports = ports  # (timeline, bound) inbound port links, or None: see `arrived`
         self.costs = costs
         self.mailbox = Mailbox(timeout)
         self.stopping = False
@@ -291,7 +298,7 @@ class Comm:
         ints: Sequence[int] = (),
         tensor: torch.Tensor | None = None,
     ) -> None:
-        nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
+        nbytes = _payload_bytes(tensor)
         with self._send_lock:
             buf, payload = _pack(kind, n, layer, ints, tensor, self._stamp(kind, tensor, ints, nbytes))
             try:
@@ -315,20 +322,40 @@ class Comm:
         tb = self.clock.bound()
         if kind in CONTROL:
             return t, t, tb
-        priced = nbytes
-        if self.costs is not None and tensor is not None:
-            if kind in ROWS:
-                priced = self.costs.act_bytes(tensor.shape[0])
-            elif kind == Kind.DONE:
-                priced = self.costs.alignment_bytes(int(ints[2]), token=False)
+        priced = self._priced(kind, tensor, ints, nbytes)
         nic, nic_bound = self.nics
         return t, nic.transfer(priced, t), nic_bound.transfer(priced, tb)
+
+    def _priced(self, kind: Kind, tensor, ints, nbytes: int) -> float:
+        """The bytes a message is priced at: its payload, or under ``timing=modelled`` the shape's."""
+        if self.costs is not None and tensor is not None:
+            if kind in ROWS:
+                return self.costs.act_bytes(tensor.shape[0])
+            if kind == Kind.DONE:
+                return self.costs.alignment_bytes(int(ints[2]), token=False)
+        return nbytes
 
     def receive(self, key: tuple, what: str, peer: str) -> Message:
         """Take the message under ``key`` (blocking) and use it: the clock moves to its delivery."""
         msg = self.mailbox.get(key, what, peer)
         self.clock.receive(msg.arrive, msg.arrive_bound)
         return msg
+
+    def arrived(self, msgs: list[Message]) -> None:
+        """Use messages taken together (one layer's expert outputs from several workers). With ``ports`` they
+        first pass this rank's inbound switch port one after another, in delivery order: what the senders' own
+        NICs cannot see is that they all converge on one port (the simulator's inbound FIFO of the main
+        node). Their ``arrive`` times are updated; the clock moves to the last."""
+        if self.ports is not None:
+            port, port_bound = self.ports
+            for m in sorted(msgs, key=lambda m: m.arrive):
+                nbytes = self._priced(m.kind, m.tensor, m.ints, _payload_bytes(m.tensor))
+                m.arrive = port.receive(nbytes, m.arrive)
+            for m in sorted(msgs, key=lambda m: m.arrive_bound):
+                nbytes = self._priced(m.kind, m.tensor, m.ints, _payload_bytes(m.tensor))
+                m.arrive_bound = port_bound.receive(nbytes, m.arrive_bound)
+        for m in msgs:
+            self.clock.receive(m.arrive, m.arrive_bound)
 
     def _reap(self) -> None:
         dst, work, _ = self._pending.popleft()

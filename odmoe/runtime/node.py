@@ -221,7 +221,9 @@ def connect(spec: dict[str, Any], layout: Layout, out_dir: Path | None) -> Node:
     device = make_device(profile, role, torch_device, clock, load_bytes)
     timeout = float(spec["system"].get("timeout_s", 60))
     nics = (device.nic, device.nic_bound) if device.emulated else None
-    comm = Comm(rank, peers(rank, layout), clock, nics, costs, timeout)
+    # every worker sends its expert outputs to the main node: only its inbound port is contended
+    ports = (device.port, device.port_bound) if device.emulated and rank == MAIN else None
+    comm = Comm(rank, peers(rank, layout), clock, nics, costs, timeout, ports)
     run_id = spec.get("run_id") or os.environ.get("TORCHELASTIC_RUN_ID", "run")
     return Node(
         spec, rank, layout, profile, torch_device, device, comm, store, out_dir, timeout, run_id, clock, costs

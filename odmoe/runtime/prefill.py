@@ -59,20 +59,17 @@ def exchange(
                     [e, c, last],
                     rows,
                 )
+    outs = {}
+    for e in range(E):
+        worker = Layout.name(layout.worker_rank(layout.prefill_worker(e)))
+        key, what = key_of(Kind.PREFILL_OUT, tick_n, layer, e), f"prefill output of layer {layer} expert {e}"
+        outs[e] = [comm.mailbox.get(key, what, worker) for _ in routed[e][2]]
+    comm.arrived([m for msgs in outs.values() for m in msgs])
     out = torch.zeros_like(hidden)
     for e in range(E):
-        token_idx, pos, parts = routed[e]
-        worker = Layout.name(layout.worker_rank(layout.prefill_worker(e)))
-        ys = []
-        for _ in parts:
-            msg = comm.receive(
-                key_of(Kind.PREFILL_OUT, tick_n, layer, e),
-                f"prefill output of layer {layer} expert {e}",
-                worker,
-            )
-            ys.append(msg.tensor)
+        token_idx, pos, _ = routed[e]
         if len(token_idx) == 0:
             continue
-        y = torch.cat(ys).to(hidden.device, hidden.dtype)
+        y = torch.cat([m.tensor for m in outs[e]]).to(hidden.device, hidden.dtype)
         out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
     return out

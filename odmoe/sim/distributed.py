@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from odmoe.costs import Link
 from odmoe.errors import OdmoeError
 from odmoe.sim.shapes import ModelShape
 
@@ -194,8 +195,9 @@ def simulate_decode(
 
     slot_of = [slot.get(i) for i in range(shape.num_layers)]
     rows = hits.tolist()  # plain Python numbers in the hot loop (numpy scalars are slow there)
-    main_free = tx_free = rx_free = start
-    link_free = [start] * lay.num_workers
+    main_free = start
+    tx, rx = Link.fifo(start), Link.fifo(start)  # the main node's NIC, out and in
+    links = [Link.fifo(start) for _ in range(lay.num_workers)]  # each worker's host->device copy engine
     held: list[deque] = [deque(maxlen=cfg.buffers) for _ in range(lay.num_workers)]
     shadow_free, align_at, last_kv = start, start, 0
     main_starts: list[float] = []
@@ -249,8 +251,7 @@ def simulate_decode(
                 continue
             arrive = []
             for _ in group[j]:  # hidden vector (+ true routing) to each worker of the group
-                tx_free = (m1 if m1 > tx_free else tx_free) + send
-                arrive.append(tx_free + lat_in[i])
+                arrive.append(tx.occupy(send, m1) + lat_in[i])
             main_free = m1 + t_shared
             if main_free > m1:
                 rec and tl.add("main", "shared", n, i, m1, main_free)
@@ -260,29 +261,24 @@ def simulate_decode(
                 zip(group[j], arrive, share[j], miss_of[hit_row[j]], strict=True)
             ):
                 buf = held[w][0] if len(held[w]) == cfg.buffers else -math.inf
+                link = links[w]
                 if splits is not None:  # measured trace: `early` known before the hidden vector
                     early, wrong, later = splits[x]
-                    l0 = max(buf, -math.inf if early else a, link_free[w])
-                    l1 = l0 + (early if a > l0 else nexp) * t_load
+                    l0 = max(buf, -math.inf if early else a, link.free_at)
+                    done = l1 = link.occupy((early if a > l0 else nexp) * t_load, l0)
                     rec and tl.add(f"worker {w}", "load", n, i, l0, l1)
-                    done = l1
                     if a > l0 and wrong + later:
-                        r0 = a if a > l1 else l1
-                        done = r0 + (wrong + later) * t_load
-                        rec and tl.add(f"worker {w}", "reload", n, i, r0, done)
+                        done = link.occupy((wrong + later) * t_load, a)
+                        rec and tl.add(f"worker {w}", "reload", n, i, max(a, l1), done)
                         late_row[j] += wrong
-                    link_free[w] = done
                 else:
-                    l0 = max(buf, min(pred[j], a), link_free[w])
-                    l1 = l0 + nexp * t_load
+                    l0 = max(buf, min(pred[j], a), link.free_at)
+                    done = l1 = link.occupy(nexp * t_load, l0)
                     rec and tl.add(f"worker {w}", "load", n, i, l0, l1)
-                    done = l1
                     if a > l0 and miss:  # predicted experts loaded; the truth shows `miss` of them wrong
-                        r0 = a if a > l1 else l1
-                        done = r0 + miss * t_load
-                        rec and tl.add(f"worker {w}", "reload", n, i, r0, done)
+                        done = link.occupy(miss * t_load, a)
+                        rec and tl.add(f"worker {w}", "reload", n, i, max(a, l1), done)
                         late_row[j] += miss
-                    link_free[w] = done
                 c0 = done if done > a else a
                 c1 = c0 + t_exp[i, nexp]
                 rec and tl.add(f"worker {w}", "compute", n, i, c0, c1)
@@ -291,9 +287,9 @@ def simulate_decode(
                     stall_row[j] = c0 - a
                 outs.append((c1, nexp))
             for c1, nexp in sorted(outs):  # outputs back through the main's inbound FIFO
-                rx_free = (c1 if c1 > rx_free else rx_free) + back[nexp]
-                if rx_free + lat_out[i] > ready:
-                    ready = rx_free + lat_out[i]
+                back_at = rx.occupy(back[nexp], c1) + lat_out[i]
+                if back_at > ready:
+                    ready = back_at
         h0 = max(main_free, ready)
         main_free = h0 + costs.head(1)
         rec and tl.add("main", "head", n, -1, h0, main_free)
@@ -304,9 +300,11 @@ def simulate_decode(
             if due(n + 1, cfg.kv_period):
                 positions = 1 if cfg.kv_payload == "newest" else n + 1 - last_kv
                 last_kv = n + 1
-            t0 = max(main_free, tx_free)
-            tx_free = t0 + costs.wire(costs.alignment_bytes(positions, token=due(n + 1, cfg.token_period)))
-            align_at = tx_free + lat
+            t0 = max(main_free, tx.free_at)
+            align_at = tx.occupy(
+                costs.wire(costs.alignment_bytes(positions, token=due(n + 1, cfg.token_period))), t0
+            )
+            align_at += lat
             rec and tl.add("net", "align", n, -1, t0, align_at)
     return DecodeResult(token_times, start, np.array(stall), np.array(late, dtype=np.int64), tl)
 
@@ -345,8 +343,9 @@ def simulate_prefill(
         if record and end > start:
             tl.spans.append((resource, kind, -1, layer, start, end))
 
-    main_free = ready = tx_free = rx_free = 0.0
-    link_free = [0.0] * nw
+    main_free = ready = 0.0
+    tx, rx = Link.fifo(0.0), Link.fifo(0.0)
+    links = [Link.fifo(0.0) for _ in range(nw)]
     buf_free = [0.0] * nw
     for i in range(shape.num_layers):
         m0 = max(main_free, ready)
@@ -356,14 +355,16 @@ def simulate_prefill(
         if i not in slot:
             continue
         main_free = m1 + costs.shared(prompt_len)
-        active = [e for e in range(shape.num_experts) if counts[slot[i], e] > 0]
+        # with overlap the loads start before the router has run, so every expert is loaded (one without
+        # rows answers its empty chunk at once); otherwise only the experts the router chose
+        active = [e for e in range(shape.num_experts) if counts[slot[i], e] > 0 or cfg.prefill_overlap]
         for r in range(0, len(active), nw):  # rounds of at most one expert per worker
             batch = [(e % nw, counts[slot[i], e]) for e in active[r : r + nw]]
             loaded = {}
             for w, _ in batch:
                 issue = buf_free[w] if cfg.prefill_overlap else max(buf_free[w], m1 + lat)
-                l0 = max(issue, link_free[w], buf_free[w])
-                link_free[w] = loaded[w] = l0 + t_load
+                l0 = max(issue, links[w].free_at)
+                loaded[w] = links[w].occupy(t_load, l0)
                 add(f"worker {w}", "load", i, l0, loaded[w])
             chunks = {w: max(1, min(cfg.minibatches, math.ceil(n))) for w, n in batch}
             arrive = {w: [] for w, _ in batch}
@@ -371,14 +372,15 @@ def simulate_prefill(
                 for w, n in batch:
                     if c < chunks[w]:
                         send = m1 if cfg.prefill_overlap else loaded[w] + lat
-                        tx_free = max(send, tx_free) + costs.wire(costs.act_bytes(n / chunks[w])) + per_msg
-                        arrive[w].append(tx_free + lat)
+                        arrive[w].append(
+                            tx.occupy(costs.wire(costs.act_bytes(n / chunks[w])) + per_msg, send) + lat
+                        )
             outs = []
             for w, n in batch:
-                t = loaded[w]
+                t = loaded[w] if n > 0 else -math.inf
                 for a in arrive[w]:
                     c0 = max(t, a)
-                    t = c0 + costs.expert(1, n / chunks[w], layer=i)
+                    t = c0 + (costs.expert(1, n / chunks[w], layer=i) if n > 0 else 0.0)
                     add(f"worker {w}", "compute", i, c0, t)
                     if cfg.prefill_overlap:
                         outs.append((t, n / chunks[w]))
@@ -386,8 +388,7 @@ def simulate_prefill(
                     outs.append((t, n))
                 buf_free[w] = t
             for t, n in sorted(outs):
-                rx_free = max(t, rx_free) + costs.wire(costs.act_bytes(n)) + per_msg
-                ready = max(ready, rx_free + lat)
+                ready = max(ready, rx.occupy(costs.wire(costs.act_bytes(n)) + per_msg, t) + lat)
     h0 = max(main_free, ready)
     ttft = h0 + costs.head(1)
     add("main", "head", -1, h0, ttft)
