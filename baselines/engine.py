@@ -18,7 +18,10 @@ The HF model runs unchanged; each MoE layer's routed-expert computation is repla
 Time is the engine's :class:`odmoe.clock.Clock` (``timing``): ``measured`` (this thread's CPU time times
 the profile's ``compute_scale``) or ``modelled`` (the cost model's attention, expert and head steps at
 ``timing.shape``) on an emulated profile, ``wall`` on a GPU. Loads go over :mod:`baselines.timing`'s link
-(the profile's link in virtual time, or real side-stream copies on CUDA); waiting for one is a stall.
+(the profile's link in virtual time, or real side-stream copies on CUDA); waiting for one is a stall (on CUDA
+the time the compute stream waited, from CUDA events). On a GPU the model's own routed-expert tensors move to
+host memory while an engine is installed (its host store serves them), so the device holds what the policy keeps
+resident.
 Device memory is the ledger (``odmoe.device.Ledger``, capacity enforced): non-expert weights + resident
 expert bytes (in-flight loads included) + the KV cache; on CUDA ``torch.cuda.max_memory_allocated`` is
 reported beside it.
@@ -189,6 +192,11 @@ class OffloadEngine:
         self.act = self.adapter.experts(self.layers[0]).act_fn
         self.clock = self._new_clock()
         offloads = policy.offload and policy.on_device
+        if not policy.on_device and self.device.type != "cpu":
+            raise OdmoeError(
+                f"{policy.name} computes on the host CPU, but the model is on {self.device}; "
+                "build it with baselines.build_engine, which gives it a host copy of the model"
+            )
         if offloads and self.device.type != "cuda" and not self.emulated:
             raise OdmoeError(
                 f"{policy.name} offloads experts, which on a CPU needs an emulated profile and a virtual clock "
@@ -199,6 +207,8 @@ class OffloadEngine:
         self.host = self._host_store({policy.fmt, policy.low_fmt} - {None})
         # stored bytes of one expert per format in use: what the cache holds and the link moves
         self.fmt_bytes = {f: packed_bytes(self.host[(self.layers[0], 0, f)]) for f in self.formats}
+        self._resident_copies: dict[Key, tuple[torch.Tensor, ...]] = {}
+        self._stashed: dict = {}
         costs = run_costs(self.timing, hardware, self.model.config, Formats(main="fp32"))
         self.pricer = None if costs is None else Pricer(costs, self.num_layers, "main")
         # modelled at another shape: bytes scale with the priced shape's expert size
@@ -215,6 +225,8 @@ class OffloadEngine:
         self.reset_cache()
         self._install()
         policy.install(self)
+        if self.device.type == "cuda" and policy.on_device:  # last: nothing above can fail after it
+            self._stashed = self._stash_experts()  # the model's own experts leave the GPU while we serve them
 
     # ---- setup -----------------------------------------------------------------------------
     def _new_clock(self) -> Clock:
@@ -250,6 +262,36 @@ class OffloadEngine:
                     store[(layer, e, fmt)] = packed
         return store
 
+    def _stash_experts(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, bool]]:
+        """Move the model's fused routed-expert tensors to host memory (restored by :meth:`uninstall`), so the
+        GPU holds only what the policy keeps resident and ``max_memory_allocated`` measures the system, not a
+        second, unused copy of every expert. Every expert computation goes through the engine's hook."""
+        stashed = {}
+        for layer in self.layers:
+            experts = self.adapter.experts(layer)
+            grad = experts.gate_up_proj.requires_grad
+            stashed[layer] = (experts.gate_up_proj.detach().cpu(), experts.down_proj.detach().cpu(), grad)
+            for name in ("gate_up_proj", "down_proj"):
+                empty = torch.nn.Parameter(torch.empty(0, device=self.device), requires_grad=False)
+                setattr(experts, name, empty)
+        torch.cuda.empty_cache()
+        return stashed
+
+    def _restore_experts(self) -> None:
+        for layer, (gate_up, down, grad) in self._stashed.items():
+            experts = self.adapter.experts(layer)
+            experts.gate_up_proj = torch.nn.Parameter(gate_up.to(self.device), requires_grad=grad)
+            experts.down_proj = torch.nn.Parameter(down.to(self.device), requires_grad=grad)
+        self._stashed = {}
+
+    def _resident(self, key: Key) -> tuple[torch.Tensor, ...]:
+        """A fully resident expert's weights: the host tensors on a virtual clock, device copies on a GPU."""
+        if self.device.type != "cuda":
+            return self.host[key]
+        if key not in self._resident_copies:
+            self._resident_copies[key] = tuple(t.to(self.device) for t in self.host[key])
+        return self._resident_copies[key]
+
     def reset_cache(self) -> None:
         """Cold start: an empty cache (or, fully cached, every expert resident)."""
         capacity, group_of = self.policy.capacity(self)
@@ -266,7 +308,9 @@ class OffloadEngine:
             for layer in self.layers:
                 for e in range(self.adapter.num_experts):
                     key = (layer, e, self.policy.fmt)
-                    self.cache.insert(Entry(key, self.fmt_bytes[self.policy.fmt], weights=self.host[key]))
+                    self.cache.insert(
+                        Entry(key, self.fmt_bytes[self.policy.fmt], weights=self._resident(key))
+                    )
 
     def _install(self) -> None:
         for layer in self.layers:
@@ -275,6 +319,10 @@ class OffloadEngine:
     def uninstall(self) -> None:
         self.adapter.clear_experts_forward()
         self.policy.uninstall(self)
+        if self.device.type == "cuda":  # free the device copies before the model's experts come back
+            self.cache = ExpertCache({None: 0}, self.policy.make_eviction())
+            self._resident_copies.clear()
+            self._restore_experts()
 
     def _hook(self, layer: int):
         def forward(module, hidden, top_k_index, top_k_weights):
@@ -448,6 +496,8 @@ class OffloadEngine:
         logits = forward_step(self.model, ids, cache)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            if hasattr(self.link, "settle"):
+                self.link.settle(self.clock)  # the step's stalls, from its CUDA events
         if self.pricer is not None:
             self.clock.charge(self.pricer.finish())
         if self.policy.on_device:

@@ -56,7 +56,23 @@ def build_engine(
         raise OdmoeError(f"unknown baseline system {name!r}; choose from {', '.join(SYSTEMS)}")
     lm.adapter.clear_experts_forward()
     policy = importlib.import_module(f"baselines.{name}").build(dict(cfg), lm, hardware)
+    if not policy.on_device and next(lm.model.parameters()).device.type != "cpu":
+        lm = host_copy(lm)  # CPU-only on a GPU machine: the model really runs on the host
     return OffloadEngine(lm, policy, hardware, timing)
+
+
+def host_copy(lm: LoadedModel) -> LoadedModel:
+    """The same checkpoint loaded again into host memory, with the same decoding rule (never a device copy
+    moved back: the GPU need not hold the model twice)."""
+    from odmoe.models.load import load_model
+
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    config = lm.model.generation_config
+    decode = {
+        "no_repeat_ngram_size": getattr(config, "no_repeat_ngram_size", 0) or 0,
+        "repetition_penalty": getattr(config, "repetition_penalty", 1.0) or 1.0,
+    }
+    return load_model(lm.name, str(lm.path), dtype, "cpu", decode)
 
 
 def reference_tokens(

@@ -317,7 +317,8 @@ def run(cfg, run: Run) -> dict:
     try:
         from plots.e2e import draw_all
 
-        draw_all(run.dir)
+        if e.get("figures", True):
+            draw_all(run.dir)
     except ImportError as err:  # matplotlib missing: the tables are still complete
         log.warning("no figures: %s", err)
     s = {"model": lm.name, "hardware_profile": hardware.name, "hardware_emulated": timing.virtual}

@@ -77,7 +77,8 @@ def run(cfg, run: Run) -> dict:
     )
     layer_table["recall"] = layer_table["hits"] / layer_table["slots"]
     layer_table.to_csv(run.path("recall_per_layer.csv"), index=False)
-    fig3(run.dir)
+    if e.get("figures", True):
+        fig3(run.dir)
 
     summary: dict = {
         "model": lm.name,

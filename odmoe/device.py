@@ -214,8 +214,13 @@ class CudaDevice(Device):
         return tensor.detach().to("cpu", copy=True).contiguous().pin_memory()
 
     def _copy(self, job: Load, host: torch.Tensor) -> None:
+        # The copy thread has its own current device (CUDA's is per thread): name it, for nodes on cuda:1..
+        torch.cuda.set_device(self.torch_device)
         job.start = time.perf_counter()
         with torch.cuda.stream(self.stream):
+            # A slot is reused once its expert has computed: the copy must not overwrite it while kernels
+            # queued on the compute (default) stream may still read it.
+            self.stream.wait_stream(torch.cuda.default_stream(self.torch_device))
             self.slots[job.slot][: host.numel()].copy_(host, non_blocking=True)
         self.stream.synchronize()
         job.done = time.perf_counter()

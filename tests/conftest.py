@@ -17,6 +17,16 @@ from odmoe.models.tiny import ensure_embedded
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where a CUDA device is visible and are skipped, saying why, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible); run on a GPU machine (docs/runtime.md)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def odmoe_home(tmp_path_factory) -> Path:
     home = Path(os.environ.get("ODMOE_TEST_HOME") or tmp_path_factory.mktemp("odmoe_home"))

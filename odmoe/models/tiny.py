@@ -183,7 +183,7 @@ def _lr_at(step: int, spec: EmbeddedSpec) -> float:
 @torch.no_grad()
 def evaluate(model, adapter: MoEAdapter, tokens: torch.Tensor, seq_len: int, windows: int) -> dict[str, Any]:
     """Held-out perplexity and per-layer expert shares over non-overlapping windows."""
-    counts = torch.zeros(adapter.num_moe_layers, adapter.num_experts, dtype=torch.long)
+    counts = torch.zeros(adapter.num_moe_layers, adapter.num_experts, dtype=torch.long, device=tokens.device)
 
     def counter(slot: int):
         def record(module, hidden, top_k_index, top_k_weights):
@@ -208,6 +208,7 @@ def evaluate(model, adapter: MoEAdapter, tokens: torch.Tensor, seq_len: int, win
         nll += torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum").item()
         n += seq_len
     adapter.clear_experts_forward()
+    counts = counts.cpu()
     share = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
     entropy = -(share * share.clamp(min=1e-12).log()).sum(-1) / math.log(adapter.num_experts)
     return {
@@ -241,9 +242,18 @@ def build_config(spec: EmbeddedSpec, vocab_size: int, eos_id: int):
     )
 
 
-def train_embedded(name: str, out_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train embedded model ``name`` and store it in ``out_dir`` (default: the cache). Returns its summary."""
+def train_embedded(
+    name: str, out_dir: Path | None = None, progress: bool = True, device: str = "cpu"
+) -> dict[str, Any]:
+    """Train embedded model ``name`` on ``device`` and store it in ``out_dir`` (default: the cache). Returns
+    its summary.
+
+    The recipe is the same on every device (same seed, batches and steps); a model trained on a GPU differs
+    from a CPU-trained one only by floating-point rounding, so its measurements are not the README's to the
+    last digit. On CUDA the experts train with the eager loop: transformers' ``grouped_mm`` path, the CPU's
+    fastest, has CUDA kernels whose fp32 support this project has not checked."""
     spec = EMBEDDED[name]
+    dev = torch.device(device)
     final = Path(out_dir) if out_dir else embedded_dir(name)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -257,9 +267,10 @@ def train_embedded(name: str, out_dir: Path | None = None, progress: bool = True
     eval_tokens = _token_stream(tokenizer, split_chapters("eval"))
 
     config = build_config(spec, len(tokenizer), tokenizer.eos_token_id)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(dev)
     adapter = MoEAdapter(model)
-    model.set_experts_implementation("grouped_mm")  # fastest on CPU for training; eval uses the odmoe hook
+    # grouped_mm: fastest on CPU for training; eval uses the odmoe hook
+    model.set_experts_implementation("grouped_mm" if dev.type == "cpu" else "eager")
     optim = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(spec.seed)
     log_rows = []
@@ -267,7 +278,7 @@ def train_embedded(name: str, out_dir: Path | None = None, progress: bool = True
     bar = tqdm(range(spec.steps), desc=f"train {name}", disable=not progress, file=sys.stderr)
     for step in bar:
         starts = torch.randint(0, len(train_tokens) - spec.seq_len, (spec.batch_size,), generator=gen)
-        batch = torch.stack([train_tokens[s : s + spec.seq_len] for s in starts.tolist()])
+        batch = torch.stack([train_tokens[s : s + spec.seq_len] for s in starts.tolist()]).to(dev)
         for group in optim.param_groups:
             group["lr"] = _lr_at(step, spec)
         out = model(input_ids=batch, output_router_logits=True)
@@ -290,7 +301,8 @@ def train_embedded(name: str, out_dir: Path | None = None, progress: bool = True
     train_s = time.perf_counter() - t0
 
     model.set_experts_implementation("odmoe")
-    metrics = evaluate(model, adapter, eval_tokens, spec.seq_len, spec.eval_windows)
+    metrics = evaluate(model, adapter, eval_tokens.to(dev), spec.seq_len, spec.eval_windows)
+    model.to("cpu")
     summary = {
         "name": name,
         "model_type": spec.model_type,
@@ -299,6 +311,7 @@ def train_embedded(name: str, out_dir: Path | None = None, progress: bool = True
         "train_corpus_tokens": len(train_tokens),
         "train_seconds": round(train_s, 1),
         "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "unigram_perplexity": unigram_perplexity(train_tokens, eval_tokens, len(tokenizer)),
         "spec": asdict(spec),
         **metrics,

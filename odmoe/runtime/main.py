@@ -352,6 +352,8 @@ class MainNode:
             **request_speed(P, tokens, t0, t_first, t_last),
             "lower_bound_s": bound,
             "clock": self.node.clock.mode,
+            "backend": _backend(),
+            "device": str(self.node.torch_device),
             "stall_s": float(df["stall"].sum()) if len(df) else 0.0,
             "stalled_layers": int((df["stall"] > 0.0005).sum()) if len(df) else 0,
             "mispredicted_experts": int(df["mispredicted"].sum()) if len(df) else 0,
@@ -409,6 +411,13 @@ def _lead(df: pd.DataFrame, log: torch.Tensor | None, lm: int) -> dict:
         "ahead_share": float((lead >= 0).mean()),
         "hist": {int(v): int(c) for v, c in zip(values, counts, strict=True)},
     }
+
+
+def _backend() -> str:
+    """The process group's backends (``gloo``, or ``cpu:gloo,cuda:nccl`` on CUDA)."""
+    import torch.distributed as dist
+
+    return dist.get_backend_config() if dist.is_initialized() else "none"
 
 
 def _cache_bytes(cache: DynamicCache) -> int:

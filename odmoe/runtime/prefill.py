@@ -40,8 +40,10 @@ def exchange(
     """Send layer ``layer``'s prompt rows to the prefill workers, gather and combine their outputs."""
     E = layout.num_experts
     routed = {}
+    # rows are cut from a host copy of the hidden state (messages are host tensors): index it on the host
+    index = top_k_index.detach().cpu()
     for e in range(E):
-        token_idx, pos = torch.where(top_k_index == e)
+        token_idx, pos = torch.where(index == e)
         routed[e] = (token_idx, pos, chunks(len(token_idx), minibatches))
     x = hidden.detach().cpu()
     rounds = max(len(c) for _, _, c in routed.values())
@@ -71,5 +73,6 @@ def exchange(
         if len(token_idx) == 0:
             continue
         y = torch.cat([m.tensor for m in outs[e]]).to(hidden.device, hidden.dtype)
+        token_idx, pos = token_idx.to(hidden.device), pos.to(hidden.device)
         out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
     return out
