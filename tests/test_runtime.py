@@ -6,8 +6,11 @@ checks its output against the fully cached model's greedy decode: same tokens, l
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -230,10 +233,6 @@ def test_e2e_plan_runs_cached_once_per_clock_and_refuses_bad_lists():
 def test_e2e_experiment_runs_every_system(micro_mixtral_dir, tmp_path):
     """``+exp=e2e`` on the default ``host`` profile: every system on the emulated fallback profile, one
     Table 2 (same columns, clocks said), OD-MoE exact, its memory model met, figures drawn."""
-    import json
-    import subprocess
-    import sys
-
     import pandas as pd
 
     cmd = [
