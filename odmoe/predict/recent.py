@@ -209,7 +209,7 @@ class MoEBeyondPredictor(Predictor):
         layers: int = 2,
         ff: int = 64,
         context: int = 16,
-        steps: int = 150,
+        steps: int = 1000,
         batch: int = 32,
         lr: float = 3e-3,
         seed: int = 0,
