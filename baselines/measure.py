@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from baselines.engine import OffloadEngine
+from baselines.engine import OffloadEngine, Policy
 from odmoe.clock import Timing
 from odmoe.errors import OdmoeError
 from odmoe.hardware import HardwareProfile
 from odmoe.models.load import LoadedModel
 from odmoe.paths import repo_root
+from odmoe.plugins import instantiate, is_plugin
 from odmoe.record import save_records
 from odmoe.trace import reference_decode
 
@@ -52,13 +53,26 @@ def build_engine(
 ) -> OffloadEngine:
     """The engine of system ``name`` installed on ``lm`` (call ``engine.uninstall()`` when done), timed on
     ``timing`` (default: measured on CPU, wall on CUDA)."""
-    if name not in SYSTEMS:
+    plugin = is_plugin(cfg)
+    if not plugin and name not in SYSTEMS:
         raise OdmoeError(f"unknown baseline system {name!r}; choose from {', '.join(SYSTEMS)}")
     lm.adapter.clear_experts_forward()
-    policy = importlib.import_module(f"baselines.{name}").build(dict(cfg), lm, hardware)
+    if plugin:
+        policy = plugin_policy(name, cfg)
+    else:
+        policy = importlib.import_module(f"baselines.{name}").build(dict(cfg), lm, hardware)
     if not policy.on_device and next(lm.model.parameters()).device.type != "cpu":
         lm = host_copy(lm)  # CPU-only on a GPU machine: the model really runs on the host
     return OffloadEngine(lm, policy, hardware, timing)
+
+
+def plugin_policy(name: str, cfg: Mapping[str, Any]) -> Policy:
+    """A user's policy from ``cfg["policy"]`` = ``{_target_: mypkg.MyPolicy, <arguments>}`` (docs/extending.md):
+    a ``baselines.engine.Policy`` subclass from any importable module, named ``name`` in every table."""
+    policy = instantiate(cfg["policy"], Policy, [], f"system {name!r}: system.policy")
+    if policy.name == Policy.name:
+        policy.name = name
+    return policy
 
 
 def host_copy(lm: LoadedModel) -> LoadedModel:

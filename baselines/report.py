@@ -104,10 +104,10 @@ def with_paper(measured: pd.DataFrame) -> pd.DataFrame:
 def columns(df: pd.DataFrame) -> list[tuple[str, str]]:
     """(label, display name) of every measured column, in the paper's order, own executor first."""
     pairs = df[["system", "executor"]].drop_duplicates().itertuples(index=False)
-    order = sorted(pairs, key=lambda r: (list(PAPER_NAMES).index(r.system), label(*r) != r.system))
-    return [
-        (label(s, e), PAPER_NAMES[s] if label(s, e) == s else f"{PAPER_NAMES[s]} ({e})") for s, e in order
-    ]
+    rank = lambda s: list(PAPER_NAMES).index(s) if s in PAPER_NAMES else len(PAPER_NAMES)  # noqa: E731 - plugins last
+    order = sorted(pairs, key=lambda r: (rank(r.system), label(*r) != r.system))
+    name = lambda s: PAPER_NAMES.get(s, s)  # noqa: E731 - a user's policy is shown by its own name
+    return [(label(s, e), name(s) if label(s, e) == s else f"{name(s)} ({e})") for s, e in order]
 
 
 def same_clock_fraction(df: pd.DataFrame, col: str = "decode_tps") -> pd.Series:

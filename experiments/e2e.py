@@ -49,6 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 from baselines import SYSTEMS as ENGINE_SYSTEMS
 from baselines import Workload, reference_tokens
 from baselines import run_system as run_engine_system
+from baselines.measure import plugin_policy
 from baselines.report import label, markdown
 from odmoe.clock import Timing, resolve_timing
 from odmoe.data.corpus import split_chapters
@@ -58,6 +59,7 @@ from odmoe.hardware import HardwareProfile, load_profile, profile_from_config
 from odmoe.models import load_from_cfg
 from odmoe.models.load import LoadedModel
 from odmoe.paths import repo_root
+from odmoe.plugins import is_plugin
 from odmoe.record import save_records
 from odmoe.results import ResultTable, Run
 from odmoe.runtime import memory
@@ -127,19 +129,21 @@ RUNTIME: dict[str, Callable] = {"cached": _run_cached, "odmoe": _run_odmoe}
 ALL_SYSTEMS = ("cached", "odmoe", *(s for s in ENGINE_SYSTEMS if s != "cached"))
 
 
-def plan(systems: Sequence[str], under_test: str) -> list[tuple[str, str]]:
-    """(system, executor) pairs to run, the fully cached model first, once per executor used."""
-    unknown = [s for s in systems if s not in ALL_SYSTEMS]
+def plan(systems: Sequence[str], under_test: str, plugins: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """(system, executor) pairs to run, the fully cached model first, once per executor used. ``plugins``:
+    names of user policies (``system=custom``), which run on the offload engine."""
+    unknown = [s for s in systems if s not in ALL_SYSTEMS and s not in plugins]
     if unknown:
-        raise OdmoeError(f"unknown systems {unknown} in exp.systems; choose from {', '.join(ALL_SYSTEMS)}")
+        raise OdmoeError(
+            f"unknown systems {unknown} in exp.systems; choose from {', '.join(ALL_SYSTEMS)}, or bring your own "
+            "with system=custom system.policy._target_=mypkg.MyPolicy (docs/extending.md)"
+        )
     if under_test not in systems:
         raise OdmoeError(
             f"the system under test (system={under_test}) is not in exp.systems={list(systems)}; "
             f"add it there or pass system=<one of them>"
         )
-    others = [
-        (s, "engine" if s in ENGINE_SYSTEMS else "runtime") for s in dict.fromkeys(systems) if s != "cached"
-    ]
+    others = [(s, "runtime" if s in RUNTIME else "engine") for s in dict.fromkeys(systems) if s != "cached"]
     executors = sorted({e for _, e in others}) or ["engine"]
     return ([("cached", e) for e in executors] if "cached" in systems else []) + others
 
@@ -258,7 +262,19 @@ def run(cfg, run: Run) -> dict:
     e = cfg.exp
     torch.set_num_threads(int(e.threads))  # the measured clock reads one thread's CPU time
     under_test = str(cfg.system.name)
-    runs = plan([str(s) for s in e.systems], under_test)
+    systems, plugins = [str(s) for s in e.systems], []
+    if is_plugin(
+        cfg.system
+    ):  # a user's policy: checked before anything runs, then run as the system under test
+        if under_test in ALL_SYSTEMS:
+            raise OdmoeError(
+                f"system.name={under_test} is a built-in system; name your policy's row something else "
+                "(system.name=mine)"
+            )
+        plugin_policy(under_test, OmegaConf.to_container(cfg.system, resolve=True))
+        plugins = [under_test]
+        systems += [] if under_test in systems else [under_test]
+    runs = plan(systems, under_test, plugins)
     lm = load_from_cfg(cfg)
     run.bind_model(lm.name, lm.fingerprint)
     hardware = resolve_hardware(cfg, lm)

@@ -5,8 +5,11 @@
    batches; for the evaluation prompts each SEP shadow is replayed with token + KV alignment every
    iteration (one parallel pass per prompt, ``odmoe.predict.sep.replay``).
    Captures are saved under ``captures/`` so a rerun resumes.
-2. Predictors are fitted on the calibration captures only and evaluated on the evaluation ones:
-   ``recall_prompts.csv`` (predictor, prompt, d) -> ``recall_by_d.csv`` and ``table1.csv``.
+2. Predictors (the built-in ones named in ``exp.predictors`` and users' plugins from
+   ``exp.extra_predictors``, docs/extending.md) are fitted on the calibration captures only and
+   evaluated on the evaluation ones: ``recall_prompts.csv`` (predictor, prompt, d; d = 0 for the
+   same-layer design point of the families that have one) -> ``recall_by_d.csv`` (Eq. 3 recall, and
+   the other papers' metrics from the same counts) and ``table1.csv``; ``training_cost.csv``.
 3. Cache comparators replay the evaluation traces: ``cache_prompts.csv`` -> ``cache_hits.csv``.
 4. Figures ``recall_vs_d.png`` and ``cache_hit_vs_size.png`` (``plots/predictors.py``).
 """
@@ -24,10 +27,11 @@ import torch
 
 from odmoe.data.prompts import embedded_prompts, load_prompts
 from odmoe.errors import OdmoeError
+from odmoe.metrics import label_metrics
 from odmoe.models import load_from_cfg
 from odmoe.predict.cache import POLICIES, eam_matches, simulate
-from odmoe.predict.harness import Capture, capture_references, hits_by_d, predictions
-from odmoe.predict.predictors import EAMPredictor, build_predictors
+from odmoe.predict.harness import Capture, capture_references, hits_by_d, predictions, same_layer_rows
+from odmoe.predict.predictors import EAMPredictor, build_plugin_predictors, build_predictors
 from odmoe.results import Run
 from odmoe.trace import check_length
 from plots.predictors import cache_hits, recall_vs_d
@@ -43,6 +47,27 @@ TABLE1 = [
     ("fMoE", "fmoe", "all", "<0.85", "cache-hit (from Fig. 12 of 2502.05370)"),
     ("ProMoE-style", "learned", "all", "", "GoodPred only (not comparable)"),
     ("gate on raw u_l (ablation)", "gate_u", "all", "", ""),
+    (
+        "Fate",
+        "fate",
+        "d=1",
+        "~0.97",
+        "prefetch accuracy, Qwen1.5-MoE / DeepSeekMoE (top-5 prefetched for k=4)",
+    ),
+    (
+        "Pre-attention (2511.10676)",
+        "preattn",
+        "d=0 exact",
+        "0.9303 / 0.9469 / 0.9762",
+        "exact match, same layer; DeepSeek-V2-Lite / Qwen3-30B / Phi-mini-MoE",
+    ),
+    (
+        "MoE-Beyond",
+        "moe_beyond",
+        "d=0 label",
+        "0.975 (F1 0.866)",
+        "per-expert accuracy incl. true negatives, same layer; DeepSeek-V2-Lite",
+    ),
     ("OD-MoE SEP fp16", "sep_fp16", "all", "0.9994", "recall"),
     ("OD-MoE SEP int8", "sep_int8", "all", "0.9734", "recall"),
     ("OD-MoE SEP nf4", "sep_nf4", "all", "0.9567", "recall"),
@@ -55,6 +80,16 @@ TABLE1_CACHE = {
     "Mixtral-Offloading": ("lru", "gate_h"),
     "MoE-Infinity": ("activation", "eam"),
     "fMoE": ("lru", "fmoe"),
+    "Fate": ("lru", "fate"),
+    "Pre-attention (2511.10676)": ("lru", "preattn"),
+    "MoE-Beyond": ("lru", "moe_beyond"),
+}
+# which measured column holds the quoted number's metric
+COMPARE = {
+    "d=1": "recall_d1",
+    "avg d<=4": "recall_avg_d1_4",
+    "d=0 exact": "exact_d0",
+    "d=0 label": "label_acc_d0",
 }
 
 
@@ -169,9 +204,17 @@ def captures(
 # ---------------------------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------------------------
-def recall_table(frame: pd.DataFrame, design: dict[str, int | None]) -> pd.DataFrame:
-    sums = frame.groupby(["predictor", "d"], sort=False)[["hits", "slots"]].sum().reset_index()
+def recall_table(
+    frame: pd.DataFrame, design: dict[str, int | None], k: int, num_experts: int
+) -> pd.DataFrame:
+    """Eq. 3 recall per (predictor, d), and from the same counts the metrics other papers quote."""
+    cols = ["hits", "slots", "predicted", "exact"]
+    sums = frame.groupby(["predictor", "d"], sort=False)[cols].sum().reset_index()
     sums["recall"] = sums["hits"] / sums["slots"]
+    other = [
+        label_metrics(r.hits, r.predicted, r.exact, r.slots // k, k, num_experts) for r in sums.itertuples()
+    ]
+    sums = pd.concat([sums, pd.DataFrame(other, index=sums.index)], axis=1)
     sums["prompts"] = frame.groupby(["predictor", "d"], sort=False)["prompt_id"].nunique().to_numpy()
     sums["design_lookahead"] = sums["predictor"].map(lambda p: design.get(p) or "any")
     return sums
@@ -182,10 +225,23 @@ def _recall(rec: pd.DataFrame, predictor: str, ds) -> float:
     return float(g["hits"].sum() / g["slots"].sum()) if len(g) and g["slots"].sum() else float("nan")
 
 
-def table1(rec: pd.DataFrame, hits: pd.DataFrame | None, g1: int, capacity: int, d_max: int) -> pd.DataFrame:
+def _at(rec: pd.DataFrame, predictor: str, d: int, col: str) -> float:
+    g = rec[(rec["predictor"] == predictor) & (rec["d"] == d)]
+    return float(g[col].iloc[0]) if len(g) else float("nan")
+
+
+def table1(
+    rec: pd.DataFrame,
+    hits: pd.DataFrame | None,
+    g1: int,
+    capacity: int,
+    d_max: int,
+    plugins: list[str] | tuple[str, ...] = (),
+) -> pd.DataFrame:
     rows = []
     have = set(rec["predictor"])
-    for system, pred, scored, quoted, metric in TABLE1:
+    entries = TABLE1 + [(f"plugin {p}", p, "all", "", "") for p in plugins]
+    for system, pred, scored, quoted, metric in entries:
         if pred not in have:
             continue
         row = {
@@ -195,7 +251,13 @@ def table1(rec: pd.DataFrame, hits: pd.DataFrame | None, g1: int, capacity: int,
             f"recall_d{g1}": _recall(rec, pred, [g1]),
             "recall_avg_d1_4": _recall(rec, pred, range(1, 5)),
             f"recall_avg_d1_{d_max}": _recall(rec, pred, range(1, d_max + 1)),
-            "compare_quoted_with": {"d=1": "recall_d1", "avg d<=4": "recall_avg_d1_4"}.get(scored, ""),
+            "exact_d1": _at(rec, pred, 1, "exact_match"),
+            "label_acc_d1": _at(rec, pred, 1, "label_accuracy"),
+            "recall_d0": _at(rec, pred, 0, "recall"),
+            "exact_d0": _at(rec, pred, 0, "exact_match"),
+            "label_acc_d0": _at(rec, pred, 0, "label_accuracy"),
+            "label_f1_d0": _at(rec, pred, 0, "label_f1"),
+            "compare_quoted_with": COMPARE.get(scored, ""),
             f"measured_hit_c{capacity}": float("nan"),
             "cache_simulated": "",
             "QUOTED_value": quoted,
@@ -218,6 +280,8 @@ def run(cfg, run: Run) -> dict:
     e = cfg.exp
     t_start = time.perf_counter()
     torch.manual_seed(int(cfg.seed))
+    builtin = list(e.predictors) + [f"sep_{p}" for p in e.sep_precisions]
+    plugins = build_plugin_predictors(e.get("extra_predictors") or [], builtin)  # bad plugins fail first
     lm = load_from_cfg(cfg)
     run.bind_model(lm.name, lm.fingerprint)
     check_length(lm.model, e.prompt_len, e.output_len)
@@ -256,16 +320,21 @@ def run(cfg, run: Run) -> dict:
     # ---- recall per d -------------------------------------------------------------------------
     # Offline work is small tensors and numpy: intra-op threads only add contention.
     torch.set_num_threads(1)
-    names = list(e.predictors) + [f"sep_{p}" for p in e.sep_precisions]
-    learned = {str(a): b for a, b in (e.learned or {}).items()}
-    preds = build_predictors(
-        lm.adapter,
-        names,
-        max_lookahead=d_max,
-        seed=int(cfg.seed),
-        learned=learned,
-        eam_capacity=e.eam_capacity,
+    plain = lambda c: {str(a): b for a, b in (c or {}).items()}  # noqa: E731
+    preds = (
+        build_predictors(
+            lm.adapter,
+            builtin,
+            max_lookahead=d_max,
+            seed=int(cfg.seed),
+            learned=plain(e.learned),
+            eam_capacity=e.eam_capacity,
+            preattn=plain(e.get("preattn")),
+            moe_beyond=plain(e.get("moe_beyond")),
+        )
+        + plugins
     )
+    names = [p.name for p in preds]
     table = run.table("recall_prompts", ["predictor", "prompt_id", "d"])
     cache_pairs = {str(p): [str(x) for x in xs] for p, xs in e.cache.pairs.items()}
     for policy in cache_pairs:
@@ -276,7 +345,7 @@ def run(cfg, run: Run) -> dict:
     if missing:
         raise OdmoeError(f"cache prefetchers {sorted(missing)} are not in exp.predictors; add them there")
     kept: dict[str, dict[str, np.ndarray]] = {}
-    fit_s, eval_s = {}, {}
+    fit_s, eval_s, costs = {}, {}, []
     for p in preds:
         todo = {
             c.prompt_id for c in eval_caps if not table.done(predictor=p.name, prompt_id=c.prompt_id, d=1)
@@ -286,6 +355,7 @@ def run(cfg, run: Run) -> dict:
         t0 = time.perf_counter()
         p.fit(calib_caps)
         fit_s[p.name] = round(time.perf_counter() - t0, 2)
+        costs.append({"predictor": p.name, "fit_wall_s": fit_s[p.name], **getattr(p, "cost", {})})
         t0 = time.perf_counter()
         for c in eval_caps:
             if c.prompt_id not in todo and p.name not in prefetchers:
@@ -296,13 +366,18 @@ def run(cfg, run: Run) -> dict:
             if c.prompt_id in todo:
                 for row in hits_by_d(p, pr, c):
                     table.add({"predictor": p.name, "prompt_id": c.prompt_id, **row})
+                same = same_layer_rows(p, c)  # d = 0: the design point of the same-layer families
+                if same is not None:
+                    table.add({"predictor": p.name, "prompt_id": c.prompt_id, **same})
         eval_s[p.name] = round(time.perf_counter() - t0, 2)
     design = {p.name: p.max_lookahead for p in preds}
     frame = table.frame()
     frame = frame[frame["predictor"].isin(names) & frame["prompt_id"].isin([c.prompt_id for c in eval_caps])]
     frame = frame.drop_duplicates(["predictor", "prompt_id", "d"], keep="last")
-    rec = recall_table(frame, design)
+    rec = recall_table(frame, design, k, lm.adapter.num_experts)
     rec.to_csv(run.path("recall_by_d.csv"), index=False)
+    if costs:
+        pd.DataFrame(costs).to_csv(run.path("training_cost.csv"), index=False)
 
     # ---- caches ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -348,7 +423,7 @@ def run(cfg, run: Run) -> dict:
     t_cache = time.perf_counter() - t0
 
     cap = int(e.cache.table_capacity)
-    t1 = table1(rec, hits, g1, cap, d_max)
+    t1 = table1(rec, hits, g1, cap, d_max, [p.name for p in plugins])
     t1.to_csv(run.path("table1.csv"), index=False)
     recall_vs_d(run.dir, g1)
     cache_hits(run.dir, int(e.cache.distance))
@@ -368,6 +443,16 @@ def run(cfg, run: Run) -> dict:
     for r in t1.itertuples():
         summary[f"recall_d1_{r.predictor}"] = round(r.recall_d1, 4)
         summary[f"recall_d{g1}_{r.predictor}"] = round(getattr(r, f"recall_d{g1}"), 4)
+        if np.isfinite(r.recall_d0):  # the same-layer families at their own design point
+            for col in ("recall_d0", "exact_d0", "label_acc_d0", "label_f1_d0"):
+                summary[f"{col}_{r.predictor}"] = round(getattr(r, col), 4)
+    for d in sorted({1, g1}):  # every predictor (the oracle's 1 and the bounds included), best first
+        at = rec[rec["d"] == d].sort_values("recall", ascending=False)
+        summary[f"ranking_d{d}"] = " > ".join(f"{r.predictor} {r.recall:.4f}" for r in at.itertuples())
+    for c in costs:
+        for key in ("train_cpu_s", "train_steps", "parameters"):
+            if key in c:
+                summary[f"{key}_{c['predictor']}"] = c[key]
     summary["recall_avg_d1_4_gate_h"] = (
         round(_recall(rec, "gate_h", range(1, 5)), 4) if "gate_h" in names else None
     )

@@ -88,6 +88,36 @@ def ratio(frame, by: str | list[str] | None = None, hits_col: str = "hits", slot
     return sums[hits_col] / sums[slots_col]
 
 
+def predicted_count(predicted: np.ndarray) -> np.ndarray:
+    """Distinct valid (>= 0) experts in each predicted set: [..., k] -> [...] (the predicted positives)."""
+    s = np.sort(np.asarray(predicted), axis=-1)
+    new = np.ones(s.shape, dtype=bool)
+    new[..., 1:] = s[..., 1:] != s[..., :-1]
+    return ((s >= 0) & new).sum(axis=-1)
+
+
+def label_metrics(hits: int, predicted: int, exact: int, rows: int, k: int, num_experts: int) -> dict:
+    """The other papers' metrics from the same counts (BASELINES.md §0.1), so a predictor's number can be set
+    beside its paper's in that paper's own metric.
+
+    ``rows`` (token, layer) predictions with ``hits`` = Σ c, ``predicted`` = Σ predicted experts and
+    ``exact`` = rows whose whole top-k set was right. ``exact_match``: exact / rows (arXiv 2511.10676);
+    ``label_accuracy``: per-expert binary accuracy over all E experts, true negatives included
+    (MoE-Beyond's "accuracy"); ``label_f1``: the mean F1 of the two classes (active, inactive), as
+    scikit-learn's ``f1_score(average="macro")`` on the flattened labels (MoE-Beyond's F1).
+    """
+    if rows <= 0:
+        return {"exact_match": float("nan"), "label_accuracy": float("nan"), "label_f1": float("nan")}
+    tp, fp, fn = hits, predicted - hits, k * rows - hits
+    tn = num_experts * rows - tp - fp - fn
+    f1 = [2 * a / (2 * a + fp + fn) if a + fp + fn else 1.0 for a in (tp, tn)]
+    return {
+        "exact_match": exact / rows,
+        "label_accuracy": (tp + tn) / (num_experts * rows),
+        "label_f1": float(np.mean(f1)),
+    }
+
+
 def request_speed(prompt_len: int, tokens: list[int], t0: float, t_first: float, t_last: float) -> dict:
     """TTFT and throughputs of one request from its clock readings (start, first token, last token).
 

@@ -1,6 +1,7 @@
 """Figures of ``+exp=predictors``, drawn from the run directory's CSV files only.
 
-``recall_vs_d(run_dir)``: Eq. 3 recall vs lookahead d, one curve per predictor, with d = G-1 marked.
+``recall_vs_d(run_dir)``: Eq. 3 recall vs lookahead d, one curve per predictor, with d = G-1 marked
+(stars at d = 0: the same-layer design point of the families that have one).
 ``cache_hits(run_dir)``: cache-hit rate vs experts cached per layer, one curve per (policy, prefetch),
 with the cacheless SEP recalls as horizontal references.
 """
@@ -33,8 +34,13 @@ def recall_vs_d(run_dir: str | Path, lookahead_mark: int | None = None) -> Path:
     for i, (name, g) in enumerate(df.groupby("predictor", sort=False)):
         g = g.sort_values("d")
         color, ls = STYLE.get(name, (PALETTE[i % len(PALETTE)], "-"))
-        marker = "o" if len(g) == 1 else "."
-        ax.plot(g["d"], g["recall"], color=color, ls=ls, marker=marker, label=name)
+        ahead, same = g[g["d"] >= 1], g[g["d"] == 0]
+        marker = "o" if len(ahead) == 1 else "."
+        ax.plot(ahead["d"], ahead["recall"], color=color, ls=ls, marker=marker, label=name)
+        if len(same):  # a same-layer family's own design point (d = 0), not joined to its curve
+            ax.plot(same["d"], same["recall"], color=color, ls="none", marker="*", ms=9)
+    if (df["d"] == 0).any():
+        ax.text(0, 0.02, " * d = 0: same layer", color="0.4", fontsize=8)
     if lookahead_mark:
         ax.axvline(lookahead_mark, color="0.7", lw=1)
         ax.text(lookahead_mark, 0.02, f" d = G-1 = {lookahead_mark}", color="0.4", fontsize=8)

@@ -11,6 +11,7 @@ import torch
 
 from odmoe.data.prompts import embedded_prompts
 from odmoe.errors import OdmoeError
+from odmoe.metrics import label_metrics, predicted_count
 from odmoe.models import load_model
 from odmoe.predict.cache import eam_matches, simulate
 from odmoe.predict.harness import (
@@ -19,6 +20,7 @@ from odmoe.predict.harness import (
     capture_reference,
     hits_by_d,
     predictions,
+    same_layer_rows,
     scramble_after,
     truth_ahead,
 )
@@ -27,6 +29,7 @@ from odmoe.predict.predictors import build_predictors
 D = 3
 OUT = 10
 ALL = ["random", "load_after_routing", "oracle", "gate_h", "gate_x", "gate_u", "eam", "fmoe", "learned"]
+ALL += ["fate", "preattn", "moe_beyond"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,14 @@ def caps(lm):
 
 @pytest.fixture(scope="module")
 def fitted(lm, caps):
-    preds = build_predictors(lm.adapter, ALL, max_lookahead=D, learned={"steps": 30, "hidden": 16})
+    preds = build_predictors(
+        lm.adapter,
+        ALL,
+        max_lookahead=D,
+        learned={"steps": 30, "hidden": 16},
+        preattn={"steps": 60, "hidden": 16},
+        moe_beyond={"steps": 40, "d_model": 16, "ff": 32, "context": 8},
+    )
     for p in preds:
         p.fit(caps[1])
     return {p.name: p for p in preds}
@@ -152,6 +162,46 @@ def test_learned_predictor_fits_calibration(fitted, caps):
     r_learned, _ = _recall(fitted["learned"], caps[1])  # on its own training prompts it must beat chance
     assert r_learned > 0.4
     assert fitted["learned"].max_lookahead == D
+
+
+def test_fate_is_the_next_gate_on_the_gate_input(fitted, caps):
+    """Fate feeds layer j's gate input u_j to the next gate unnormalized: at k experts, gate_u's arithmetic."""
+    c = caps[0][0]
+    np.testing.assert_array_equal(predictions(fitted["fate"], c, D), predictions(fitted["gate_u"], c, D))
+    assert fitted["fate"].tap == "u" and not fitted["fate"].renorm
+
+
+@pytest.mark.parametrize("name", ["preattn", "moe_beyond"])
+def test_trained_families_fit_calibration_and_report_cost(fitted, caps, name):
+    pred = fitted[name]
+    r, per_d = _recall(pred, caps[1])  # on their own training prompts they must beat chance (k/E = 0.25)
+    assert r > 0.4 and set(per_d) == set(range(1, D + 1))
+    assert pred.cost["parameters"] > 0 and pred.cost["train_steps"] > 0 and pred.cost["train_cpu_s"] >= 0
+    c = caps[0][0]
+    same = same_layer_rows(pred, c)  # d = 0, the paper's own design point
+    assert same["d"] == 0 and same["slots"] == OUT * c.num_slots * c.top_k
+    assert same["hits"] / same["slots"] > 0.3 and same["predicted"] == same["slots"]
+    assert same_layer_rows(fitted["gate_h"], c) is None
+
+
+def test_other_papers_metrics_from_counts():
+    # 2 rows, k = 2, E = 8: one exact, one with a single hit
+    m = label_metrics(hits=3, predicted=4, exact=1, rows=2, k=2, num_experts=8)
+    assert m["exact_match"] == 0.5
+    assert m["label_accuracy"] == pytest.approx((3 + 11) / 16)  # tp 3, fp 1, fn 1, tn 11
+    pred = np.array([[0, 1], [2, 3]])
+    true = np.array([[0, 1], [2, 4]])
+    flat_p = np.zeros((2, 8), int)
+    flat_t = np.zeros((2, 8), int)
+    np.put_along_axis(flat_p, pred, 1, 1)
+    np.put_along_axis(flat_t, true, 1, 1)
+    assert m["label_accuracy"] == pytest.approx((flat_p == flat_t).mean())
+    f1 = [
+        2 * ((flat_p == c) & (flat_t == c)).sum() / ((flat_p == c).sum() + (flat_t == c).sum())
+        for c in (1, 0)
+    ]
+    assert m["label_f1"] == pytest.approx(np.mean(f1))
+    assert predicted_count(np.array([[1, 1], [-1, 2], [0, 3]])).tolist() == [1, 1, 2]
 
 
 def test_calibration_and_evaluation_prompts_are_disjoint(lm):

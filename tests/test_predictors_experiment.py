@@ -26,6 +26,8 @@ def test_predictors_experiment_writes_tables_and_figures(tmp_path, micro_mixtral
         "exp.max_lookahead=3",
         "exp.sep_precisions=[fp16]",
         "exp.learned.steps=5",
+        "exp.preattn.steps=5",
+        "exp.moe_beyond.steps=5",
         "exp.cache.capacities=[2,8]",
         "exp.proc_workers=1",
     ]
@@ -37,7 +39,13 @@ def test_predictors_experiment_writes_tables_and_figures(tmp_path, micro_mixtral
     assert summary["check_oracle_recall_1"] and summary["check_load_after_routing_0"]
     assert summary["lookahead_G_minus_1"] == 3 and summary["prompts_disjoint"]
     rec = pd.read_csv(run_dir / "recall_by_d.csv")
-    assert set(rec["d"]) == {1, 2, 3} and "sep_fp16" in set(rec["predictor"])
+    assert set(rec["d"]) == {0, 1, 2, 3} and "sep_fp16" in set(rec["predictor"])
+    assert set(rec[rec.d == 0].predictor) == {"preattn", "moe_beyond"}  # the same-layer design points
+    new = rec[rec.predictor.isin(["fate", "preattn", "moe_beyond"]) & (rec.d >= 1)]
+    assert len(new) == 9 and new.recall.between(0, 1).all()  # every new family at every lookahead
+    cost = pd.read_csv(run_dir / "training_cost.csv").set_index("predictor")
+    assert cost.loc["preattn", "train_steps"] == 5 and cost.loc["moe_beyond", "parameters"] > 0
+    assert summary["ranking_d1"].startswith("oracle 1.0000")
     t1 = pd.read_csv(run_dir / "table1.csv")
     assert {"recall_d1", "recall_d3", "QUOTED_value"} <= set(t1.columns)
     assert t1.set_index("system").loc["HOBBIT", "QUOTED_value"] == "0.91"

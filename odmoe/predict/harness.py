@@ -37,6 +37,7 @@ import torch
 
 from odmoe.errors import OdmoeError
 from odmoe.metrics import hits as set_hits
+from odmoe.metrics import predicted_count
 from odmoe.models.adapter import MoEAdapter
 from odmoe.trace import Trace
 
@@ -282,10 +283,14 @@ class PastView:
 
 
 class Predictor:
-    """Predicts, at knowledge point (n, j), the top-k experts of slots j+1..j+D.
+    """Predicts, at knowledge point (n, j), the top-k experts of slots j+1..j+D: the extension point for
+    predictors (docs/extending.md; a subclass in any module runs with ``exp.extra_predictors``).
 
-    ``max_lookahead``: the largest d the method defines (None: any). ``uses_future``: only the
-    oracle. ``fit`` sees calibration captures only (disjoint from evaluation prompts).
+    ``predict(view, d_max)`` (required) returns [d, k] integer expert ids, row i for slot j+1+i, with d
+    between the target slots that exist and d_max, -1 for "no prediction"; anything else is an error
+    naming the predictor (``checked``). ``fit(calib)`` sees calibration captures only (disjoint from
+    the evaluation prompts) and returns self. ``name``: its row in every table. ``max_lookahead``: the
+    largest d the method defines (None: any). ``uses_future``: only the oracle (never a plugin).
     """
 
     name: str = "predictor"
@@ -310,6 +315,33 @@ def _pad(rows: np.ndarray, d_max: int, k: int) -> np.ndarray:
     return out
 
 
+def describe(predictor: Predictor) -> str:
+    """How an error names a predictor: its row name and its class."""
+    cls = type(predictor)
+    return f"predictor {predictor.name!r} ({cls.__module__}.{cls.__qualname__})"
+
+
+def checked(predictor: Predictor, rows, view: PastView, dd: int) -> np.ndarray:
+    """``rows`` as the interface promises them, [span..dd, k] integer ids in -1..E-1 (span = the target slots
+    that exist), else one clear error naming the predictor: a plugin's bug must not be scored as a miss."""
+    arr = np.asarray(rows)
+    k, span = view.top_k, min(dd, view.num_slots - 1 - view.j)
+    where = f"{describe(predictor)} at (n={view.n}, j={view.j})"
+    if arr.ndim != 2 or arr.shape[1] != k or not span <= arr.shape[0] <= dd:
+        raise OdmoeError(
+            f"{where} returned an array of shape {arr.shape}; predict(view, d_max) must return "
+            f"[d, k] = [{span}..{dd}, {k}] expert ids (row i for slot j+1+i, -1 for no prediction)"
+        )
+    if arr.dtype.kind not in "iu":
+        raise OdmoeError(f"{where} returned {arr.dtype} values; return integer expert ids (e.g. np.int64)")
+    if arr.size and (int(arr.min()) < -1 or int(arr.max()) >= view.num_experts):
+        bad = int(arr.min()) if int(arr.min()) < -1 else int(arr.max())
+        raise OdmoeError(
+            f"{where} returned expert id {bad}, outside 0..{view.num_experts - 1} (-1 = no prediction)"
+        )
+    return arr
+
+
 def lookahead_limit(predictor: Predictor, d_max: int) -> int:
     return d_max if predictor.max_lookahead is None else min(d_max, predictor.max_lookahead)
 
@@ -327,7 +359,7 @@ def predictions(predictor: Predictor, capture: Capture, d_max: int) -> np.ndarra
                 if predictor.uses_future
                 else predictor.predict(view, dd)
             )
-            p = _pad(p, dd, k)
+            p = _pad(checked(predictor, p, view, dd), dd, k)
             span = min(dd, lm - 1 - j)
             out[n - 1, j, :span] = p[:span]
     return out
@@ -356,6 +388,7 @@ def hits_by_d(predictor: Predictor, preds: np.ndarray, capture: Capture) -> list
     d_max = preds.shape[2]
     true, valid = truth_ahead(capture, d_max)
     c = set_hits(preds, true)  # [O, Lm, D]
+    npred = predicted_count(preds)
     k = capture.top_k
     rows = []
     for d in range(1, lookahead_limit(predictor, d_max) + 1):
@@ -363,9 +396,37 @@ def hits_by_d(predictor: Predictor, preds: np.ndarray, capture: Capture) -> list
         if not v.any():
             continue
         rows.append(
-            {"d": d, "hits": int(c[:, v, d - 1].sum()), "slots": int(k * v.sum() * capture.output_len)}
+            {
+                "d": d,
+                "hits": int(c[:, v, d - 1].sum()),
+                "slots": int(k * v.sum() * capture.output_len),
+                "predicted": int(npred[:, v, d - 1].sum()),
+                "exact": int((c[:, v, d - 1] == k).sum()),
+            }
         )
     return rows
+
+
+def same_layer_rows(predictor: Predictor, capture: Capture) -> dict | None:
+    """d = 0 for a predictor whose paper predicts a layer from that layer's own pre-attention or gate
+    input (``same_layer(capture)`` -> [O, Lm, k] for every decode iteration and slot): one row of counts
+    as ``hits_by_d`` gives, or None for predictors without that design point."""
+    fn = getattr(predictor, "same_layer", None)
+    if fn is None:
+        return None
+    preds = np.asarray(fn(capture))
+    true = capture.trace.decode_experts
+    if preds.shape != true.shape:
+        raise OdmoeError(f"{describe(predictor)}: same_layer returned {preds.shape}, expected {true.shape}")
+    c = set_hits(preds, true)
+    k = capture.top_k
+    return {
+        "d": 0,
+        "hits": int(c.sum()),
+        "slots": int(c.size * k),
+        "predicted": int(predicted_count(preds).sum()),
+        "exact": int((c == k).sum()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

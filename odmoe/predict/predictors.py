@@ -19,11 +19,21 @@ the papers are silent the choice is stated here and in ``docs/predictors.md``.
 ``learned``            ProMoE-style: one small MLP per (source slot, d) on u_j, trained on
                        calibration traces (§3.6)
 ``sep_<precision>``    SEP: the aligned shadow's own routing of slot j+d (flat in d, see SEPPredictor)
+``fate``               Fate (arXiv 2502.12224): layer j's gate input u_j into gate_{j+d}, no
+                       re-normalization, no training (its code: ``next_gate_cpu`` on the
+                       post-attention-norm output); d = 1 is Fate's, d > 1 our extension. At exactly
+                       k predicted experts it is the same arithmetic as ``gate_u``
+``preattn``            pre-attention prediction (arXiv 2511.10676), ``odmoe.predict.recent``
+``moe_beyond``         MoE-Beyond (arXiv 2508.17137), ``odmoe.predict.recent``
 =====================  ===========================================================================
+
+Plugins (``build_plugin_predictors``): any ``Predictor`` subclass from any importable module,
+instantiated from ``{_target_: ..., <arguments>}`` (docs/extending.md).
 """
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Sequence
 
@@ -33,6 +43,7 @@ import torch
 from odmoe.errors import OdmoeError
 from odmoe.models.adapter import MoEAdapter
 from odmoe.predict.harness import Capture, PastView, Predictor
+from odmoe.predict.recent import MoEBeyondPredictor, PreAttentionPredictor, calibration_positions
 
 
 def topk(scores: np.ndarray, k: int) -> np.ndarray:
@@ -304,20 +315,7 @@ class LearnedPredictor(Predictor):
         self.hidden, self.steps, self.batch, self.lr, self.seed = hidden, steps, batch, lr, seed
 
     def fit(self, calib: Sequence[Capture]) -> LearnedPredictor:
-        if not calib:
-            raise OdmoeError("the learned predictor needs calibration traces; set exp.calib_prompts >= 1")
-        xs, ys = [], []
-        for c in calib:
-            for u, routing in (
-                (c.prefill["u"], c.trace.prefill_experts),
-                (c.decode["u"], c.trace.decode_experts),
-            ):
-                xs.append(u)
-                y = np.zeros((*routing.shape[:2], c.decode["p"].shape[-1]), dtype=np.float32)
-                np.put_along_axis(y, routing, 1.0, axis=2)
-                ys.append(y)
-        x = torch.as_tensor(np.concatenate(xs), dtype=torch.float32)  # [N, Lm, H]
-        y = torch.as_tensor(np.concatenate(ys))  # [N, Lm, E]
+        x, _, y = calibration_positions(calib, "u", self.name)  # [N, Lm, H], multi-hot [N, Lm, E]
         n, lm, h = x.shape
         e = y.shape[-1]
         dd = min(self.max_lookahead, lm - 1)
@@ -389,6 +387,11 @@ class SEPPredictor(Predictor):
         return view.extra(self.source, d_max)
 
 
+BUILTIN = (
+    "random load_after_routing oracle gate_h gate_x gate_u eam fmoe learned fate preattn moe_beyond".split()
+)
+
+
 def build_predictors(
     adapter: MoEAdapter,
     names: Sequence[str],
@@ -397,12 +400,15 @@ def build_predictors(
     seed: int = 0,
     learned: dict | None = None,
     eam_capacity: int | None = None,
+    preattn: dict | None = None,
+    moe_beyond: dict | None = None,
 ) -> list[Predictor]:
-    """Predictors by name (see the module table); ``sep_<precision>`` needs captures with that source."""
+    """Predictors by name (see the module table); ``sep_<precision>`` needs captures with that source.
+    ``learned``, ``preattn``, ``moe_beyond``: constructor arguments of those trained families."""
     bank = None
     out: list[Predictor] = []
     for name in names:
-        if name.startswith("gate_") and bank is None:
+        if (name.startswith("gate_") or name == "fate") and bank is None:
             bank = RouterBank(adapter)
         if name == "random":
             out.append(RandomPredictor(seed))
@@ -420,11 +426,53 @@ def build_predictors(
             out.append(ExpertMapPredictor())
         elif name == "learned":
             out.append(LearnedPredictor(max_lookahead=max_lookahead, seed=seed, **(learned or {})))
+        elif name == "fate":
+            out.append(GatePredictor(bank, "u", renorm=False, name="fate"))
+        elif name == "preattn":
+            out.append(PreAttentionPredictor(max_lookahead=max_lookahead, seed=seed, **(preattn or {})))
+        elif name == "moe_beyond":
+            out.append(MoEBeyondPredictor(max_lookahead=max_lookahead, seed=seed, **(moe_beyond or {})))
         elif name.startswith("sep_"):
             out.append(SEPPredictor(name[4:]))
         else:
             raise OdmoeError(
-                f"unknown predictor {name!r}; use random, load_after_routing, oracle, gate_h, gate_x, gate_u, "
-                "eam, fmoe, learned or sep_<fp16|int8|nf4|fp32>"
+                f"unknown predictor {name!r}; use {', '.join(BUILTIN)} or sep_<fp16|int8|nf4|fp32>, "
+                "or add your own with exp.extra_predictors (docs/extending.md)"
             )
+    return out
+
+
+def build_plugin_predictors(specs: Sequence, taken: Sequence[str] = ()) -> list[Predictor]:
+    """User predictors from ``{_target_: mypkg.MyPredictor, <arguments>}`` specs (``exp.extra_predictors``).
+
+    Each must subclass ``Predictor`` and implement ``predict``; its row name is its ``name`` attribute
+    (the class name when it keeps the base's), distinct from every other predictor's. A plugin may not
+    read the future (``uses_future``)."""
+    from odmoe.plugins import instantiate
+
+    out: list[Predictor] = []
+    names = set(taken)
+    for i, spec in enumerate(specs or []):
+        where = f"exp.extra_predictors[{i}]"
+        p = instantiate(spec, Predictor, ["predict"], where)
+        if p.name == Predictor.name:
+            p.name = type(p).__name__
+        label = f"{where} ({type(p).__module__}.{type(p).__qualname__})"
+        if not isinstance(p.name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", p.name):
+            raise OdmoeError(
+                f"{label}: name {p.name!r} must be letters, digits, _ . + or -; set another name"
+            )
+        if p.name in names:
+            raise OdmoeError(
+                f"{label}: a predictor named {p.name!r} is already in the run; give it another name"
+            )
+        if p.uses_future:
+            raise OdmoeError(
+                f"{label}: uses_future is reserved for the oracle; a plugin predicts from the past"
+            )
+        ml = p.max_lookahead
+        if ml is not None and (isinstance(ml, bool) or not isinstance(ml, int) or ml < 1):
+            raise OdmoeError(f"{label}: max_lookahead must be None or an integer >= 1, got {ml!r}")
+        names.add(p.name)
+        out.append(p)
     return out
