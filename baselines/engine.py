@@ -49,6 +49,7 @@ from odmoe.hardware import HardwareProfile
 from odmoe.models.adapter import swiglu_expert
 from odmoe.models.load import LoadedModel
 from odmoe.record import ExecutorRecord
+from odmoe.runtime.kv import cache_bytes
 from odmoe.trace import check_length, forward_step
 
 FORMATS = ("fp32", "nf4", "hqq2", "hqq3")  # baselines.lowbit
@@ -482,13 +483,6 @@ class OffloadEngine:
         return out
 
     # ---- requests --------------------------------------------------------------------------
-    def _kv_bytes(self, seq_len: int) -> int:
-        c = self.model.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)
-        elt = next(self.model.parameters()).element_size()
-        return 2 * self.num_layers * kv_heads * head_dim * seq_len * elt
-
     def _step(self, ids: torch.Tensor, cache: DynamicCache, seq_len: int) -> torch.Tensor:
         self._mark = self.compute_time()
         if self.pricer is not None:
@@ -501,7 +495,7 @@ class OffloadEngine:
         if self.pricer is not None:
             self.clock.charge(self.pricer.finish())
         if self.policy.on_device:
-            self.ledger.set("kv", self._kv_bytes(seq_len))
+            self.ledger.set("kv", cache_bytes(cache))
         return logits
 
     def _end_step(self) -> None:

@@ -259,17 +259,15 @@ class HQQLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, w.to(x.dtype), self.bias)
 
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
 def quantize_attention(model: torch.nn.Module, fmt: str = "hqq4") -> list[tuple[torch.nn.Module, str]]:
-    """Swap every decoder layer's attention projections for :class:`HQQLinear`; returns what to restore."""
+    """Swap every decoder layer's attention projections (each ``nn.Linear`` of its attention module:
+    q/k/v/o, or multi-head latent attention's q_a/q_b/kv_a/kv_b/o) for :class:`HQQLinear`; returns what
+    to restore."""
     cfg = HQQ_CONFIGS[fmt]
     swapped = []
     for layer in model.model.layers:
         attn = layer.self_attn
-        for name in ATTENTION_PROJECTIONS:
-            lin = getattr(attn, name)
+        for name, lin in list(attn.named_children()):
             if isinstance(lin, torch.nn.Linear):
                 setattr(attn, name, HQQLinear(lin, cfg))
                 swapped.append((attn, name))

@@ -98,9 +98,14 @@ class Load:
     start: float = 0.0
     done: float = 0.0
     ready: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None  # what ended the copy, when it failed
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self.ready.wait(timeout)
+        """True once the copy finished, False after ``timeout`` s; a failed copy raises its exception."""
+        finished = self.ready.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return finished
 
 
 class Device:
@@ -149,11 +154,19 @@ class Device:
         return job
 
     def _copy_engine(self) -> None:
+        """Serve loads in order. A copy that raises fails its load and every later one with that exception:
+        whoever waits for them gets it at once instead of a timeout."""
+        failure: BaseException | None = None
         while True:
             job, host = self._queue.get()
-            self._copy(job, host)
-            self.bytes_loaded += job.nbytes
-            self.loads += 1
+            if failure is None:
+                try:
+                    self._copy(job, host)
+                    self.bytes_loaded += job.nbytes
+                    self.loads += 1
+                except BaseException as e:  # noqa: BLE001 - handed to whoever waits for this load
+                    failure = e
+            job.error = failure
             job.ready.set()
             if self.on_done is not None:
                 self.on_done(job)

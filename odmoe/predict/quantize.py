@@ -20,6 +20,8 @@ keeps unquantized by default (routers are not ``nn.Linear`` in transformers 5, `
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
 
 import torch
@@ -164,6 +166,22 @@ class QuantizedExperts(nn.Module):
         return out
 
 
+@functools.cache
+def _int8_linear_class() -> type:
+    """``bnb.nn.Linear8bitLt`` for inputs of any rank: its LLM.int8() matmul takes [T, in] and [B, T, in]
+    only (on CPU), while multi-head latent attention feeds ``kv_b_proj`` [B, 1, S, kv_lora_rank]. Leading
+    dimensions are flattened around the call, which is what the matmul does with a 3-D input anyway."""
+    import bitsandbytes as bnb
+
+    class Linear8bitLtAnyRank(bnb.nn.Linear8bitLt):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dim() <= 3:
+                return super().forward(x)
+            return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+    return Linear8bitLtAnyRank
+
+
 def quantize_linear(
     linear: nn.Linear, precision: str, int8_threshold: float = DEFAULT_INT8_THRESHOLD
 ) -> nn.Module:
@@ -174,7 +192,7 @@ def quantize_linear(
     w16 = linear.weight.detach().to(torch.float16)
     bias = linear.bias is not None
     if precision == "int8":
-        q = bnb.nn.Linear8bitLt(
+        q = _int8_linear_class()(
             linear.in_features,
             linear.out_features,
             bias=bias,
@@ -211,8 +229,9 @@ def quantize_linear(
 
 def quantized_linear_bytes(module: nn.Module) -> int | None:
     """Bytes of a bitsandbytes linear's weight data, scales and bias; None for other modules."""
-    import bitsandbytes as bnb
-
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:  # no module is a bitsandbytes linear before it is imported (which costs seconds)
+        return None
     if isinstance(module, bnb.nn.Linear8bitLt):
         w = module.weight
         scb = getattr(w, "SCB", None)

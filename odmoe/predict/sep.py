@@ -123,7 +123,9 @@ class ReferenceRecord:
     """One full-precision greedy decode and what alignment needs from it.
 
     ``decode_kv[i]`` is layer i's (keys, values) for the position each decode iteration consumed,
-    [O, heads, head_dim] each; ``prompt_kv[i]`` is layer i's prompt (keys, values), [heads, P, dim].
+    [O, heads, head_dim] each; ``prompt_kv[i]`` is layer i's prompt (keys, values), [heads, P, dim]. Both
+    are what the cache holds: for multi-head latent attention (DeepSeek) one "head" of the compressed
+    latent as keys and of the rotary key as values, of different widths.
     """
 
     trace: Trace
@@ -321,8 +323,13 @@ def mixed_mask(
 
 
 def _mixed_attention(module, query, key, value, attention_mask, **kwargs):
-    """The model's own attention over [full model's K/V | the shadow's own K/V] under ``mixed_mask``."""
+    """The model's own attention over [full model's K/V | the shadow's own K/V] under ``mixed_mask``.
+
+    A latent-attention module (DeepSeek's MLA) caches latents and expands them into per-head K/V before
+    attention; the full model's cache rows are latents too, so they are expanded the same way here."""
     full_keys, full_values = _mixed["kv"][module.layer_idx]
+    if hasattr(module, "expand_kv"):
+        full_keys, full_values = module.expand_kv(full_keys, full_values)
     keys = torch.cat([full_keys, key], dim=2)
     values = torch.cat([full_values, value], dim=2)
     eager = sys.modules[type(module).__module__].eager_attention_forward

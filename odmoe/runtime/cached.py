@@ -23,6 +23,7 @@ from odmoe.models.adapter import MoEAdapter, eager_experts_forward
 from odmoe.models.load import LoadedModel
 from odmoe.record import ExecutorRecord
 from odmoe.runtime import memory
+from odmoe.runtime.kv import cache_bytes
 from odmoe.trace import check_length, forward_step
 
 
@@ -118,7 +119,7 @@ def run_cached(
             token = next_token(model, prompt, logits)
             timer.end_step()
             t_first = clock.now()
-            ledger.set("kv", _kv(cache))
+            ledger.set("kv", cache_bytes(cache))
             ledger.set("activations", 0)
             prefill_peak = ledger.peak
             ledger.reset_peak()
@@ -132,7 +133,7 @@ def run_cached(
                 if collect_logits:
                     with clock.paused():
                         all_logits.append(logits.float().cpu().numpy())
-                ledger.set("kv", _kv(cache))
+                ledger.set("kv", cache_bytes(cache))
                 timer.end_step()
             t_last = clock.now()
             ledger.set("activations", 0)
@@ -157,10 +158,4 @@ def run_cached(
 def _act(shape: memory.Shape, tokens: int, context: int, elem: int) -> int:
     return memory.main_activation_bytes(shape, tokens, context, elem) + memory.worker_activation_bytes(
         tokens, shape.hidden, shape.expert_ff, elem
-    )
-
-
-def _kv(cache: DynamicCache) -> int:
-    return sum(
-        layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.keys is not None
     )

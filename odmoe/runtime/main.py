@@ -43,6 +43,7 @@ from odmoe.errors import OdmoeError
 from odmoe.metrics import request_speed
 from odmoe.models.load import load_model
 from odmoe.runtime import memory, prefill
+from odmoe.runtime.kv import cache_bytes, pack_rows
 from odmoe.runtime.layout import SHADOW, Layout, resolve
 from odmoe.runtime.messages import Kind, key_of, predictions, settled_version
 from odmoe.runtime.node import Node, tick
@@ -125,9 +126,9 @@ class MainNode:
         mb, clock = self.node.comm.mailbox, self.node.clock
         msgs = predictions(mb, n, layer, settled_version(mb, n, self.speculative) if clock.virtual else None)
         usable = [m for m in msgs if m.arrive <= t_gate] if clock.virtual else msgs
-        mb.discard(key_of(Kind.PREDICT, n, layer))
+        mb.retire(Kind.PREDICT, n, layer)  # a version still on its way would come too late: dropped
         if layer == self.layout.moe_layers[-1]:
-            mb.discard(key_of(Kind.SETTLED, n))
+            mb.retire(Kind.SETTLED, n)
         return usable[-1].ints[1 : 1 + self.layout.top_k] if usable else None
 
     def _decode_layer(self, req: Request, layer: int, hidden, top_k_index, top_k_weights) -> torch.Tensor:
@@ -230,6 +231,7 @@ class MainNode:
             raise OdmoeError(f"prefill_minibatches must be >= 1, got {self.minibatches}")
         self.speculative = speculative(self.node, job)
         self.node.device.reset_peak()
+        dropped = mb.dropped
         clock, pricer = self.node.clock, self.pricer
         t0 = clock.now()
         for r in range(1, self.layout.world_size):
@@ -247,10 +249,11 @@ class MainNode:
             all_logits = [logits.float().cpu().numpy()] if collect else None
             if self.node.out_dir is not None:
                 (self.node.out_dir / "status").write_text(f"decoding request {i}\n")
-        ledger.set("kv", _cache_bytes(cache))
+        ledger.set("kv", cache_bytes(cache))
         ledger.set("activations", 0)
         prefill_peak = self.node.device.peak_bytes()
         self.node.device.reset_peak()
+        mb.reset_peak()  # the mailbox's decode peak: prefill outputs come in bulk
         tokens = [token]
         self.last_aligned = 0
         self._send_done(req, cache, 0, token, P)
@@ -268,7 +271,7 @@ class MainNode:
             if collect:
                 with clock.paused():
                     all_logits.append(logits.float().cpu().numpy())
-            ledger.set("kv", _cache_bytes(cache))
+            ledger.set("kv", cache_bytes(cache))
             ledger.set("activations", 0)
             self._send_done(req, cache, n, token, P)
             t_end = clock.now()
@@ -279,6 +282,7 @@ class MainNode:
         ends = {}
         for r in range(1, self.layout.world_size):
             ends[r] = mb.get(key_of(Kind.JOB_END, tick(i, 0), r), "end-of-request statistics", Layout.name(r))
+        mailbox = {"peak": mb.peak, "left": mb.size, "dropped": mb.dropped - dropped}
         layers = req.rows
         result = self._summarize(
             job,
@@ -291,6 +295,7 @@ class MainNode:
             ends,
             prefill_peak,
             decode_peak,
+            mailbox,
         )
         for row in layers:
             row["job"] = i
@@ -311,14 +316,7 @@ class MainNode:
             self.last_aligned = n
         kv = None
         if count:
-            kv = torch.stack(
-                [
-                    torch.stack(
-                        [layer.keys[0, :, start : start + count], layer.values[0, :, start : start + count]]
-                    )
-                    for layer in cache.layers
-                ]
-            )
+            kv = pack_rows(cache, start, count)
             ints[1:3] = [start, count]
         self.node.comm.send(SHADOW, Kind.DONE, tick(req.job, n), 0, ints, kv)
 
@@ -334,6 +332,7 @@ class MainNode:
         ends,
         prefill_peak,
         decode_peak,
+        mailbox,
     ) -> dict:
         t0, t_first, t_last, bound = times
         df = pd.DataFrame(layers)
@@ -379,6 +378,10 @@ class MainNode:
             "shadow_restarts": int(shadow_end.ints[6]) if shadow_end is not None else 0,
             "lead": lead,
             "prefill_counts": self.req.prefill_counts,
+            # messages held at once in the decode (peak), left after the request, dropped as too late
+            "mailbox_main": mailbox,
+            "mailbox_peak_workers": [int(m.ints[10]) for m in workers],
+            "mailbox_dropped_workers": [int(m.ints[11]) for m in workers],
         }
         return out
 
@@ -418,12 +421,6 @@ def _backend() -> str:
     import torch.distributed as dist
 
     return dist.get_backend_config() if dist.is_initialized() else "none"
-
-
-def _cache_bytes(cache: DynamicCache) -> int:
-    return sum(
-        layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.keys is not None
-    )
 
 
 def _append_jsonl(path: Path, obj: dict) -> None:

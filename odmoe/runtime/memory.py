@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from odmoe.paths import repo_root
+from odmoe.sim.shapes import shape_from_config as model_shape
 
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "nf4": 0.5}
 NF4_BLOCK = 64
@@ -49,6 +50,7 @@ class Shape:
     heads: int
     kv_heads: int
     head_dim: int
+    kv_per_layer: int  # KV values one position adds to one layer's cache (MLA: its latent + rotary key)
     vocab: int
     non_expert_params: int
     expert_params: int  # one routed expert
@@ -58,7 +60,7 @@ class Shape:
     @property
     def kv_per_position(self) -> int:
         """KV values (not bytes) one position adds over all layers."""
-        return 2 * self.layers * self.kv_heads * self.head_dim
+        return self.layers * self.kv_per_layer
 
     def expert_bytes(self, fmt: str) -> float:
         n = self.expert_params
@@ -109,6 +111,7 @@ def shape_from_config(config) -> Shape:
         heads=heads,
         kv_heads=getattr(c, "num_key_value_heads", heads),
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+        kv_per_layer=model_shape(c).kv_per_token,
         vocab=c.vocab_size,
         non_expert_params=non_expert,
         expert_params=expert_params,

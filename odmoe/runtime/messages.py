@@ -100,19 +100,53 @@ class RunAborted(RuntimeError):
     """Another rank reported a failure; the message names the rank that failed first."""
 
 
+class MessageError(RuntimeError):
+    """A message that came intact could not be decoded: a bug in this code, not a network failure."""
+
+
 class Mailbox:
-    """Messages by key, in the order they physically came."""
+    """Messages by key, in the order they physically came.
+
+    A key whose messages can no longer be used is *retired* (:meth:`retire`): for the kinds the runtime
+    retires (predictions, settled versions) every rank uses (n, layer) in increasing order, so retiring
+    (kind, n, layer) also drops every message of that kind at or before (n, layer) that comes later, e.g. a
+    prediction delivered after the main node's gate passed without it. So the mailbox holds only what can
+    still be used and stays bounded however long a decode runs (``size``, ``peak``, ``dropped``).
+    """
 
     def __init__(self, timeout: float):
         self.timeout = timeout
         self.cond = threading.Condition()
         self.boxes: dict[tuple, collections.deque[Message]] = collections.defaultdict(collections.deque)
         self.error: BaseException | None = None
+        self.retired: dict[int, tuple[int, int]] = {}  # kind -> the latest (n, layer) retired
+        self.size = 0  # messages held now
+        self.peak = 0  # most held at once since ``reset_peak``
+        self.dropped = 0  # messages that came after their key was retired
 
     def put(self, msg: Message) -> None:
         with self.cond:
+            mark = self.retired.get(int(msg.kind))
+            if mark is not None and (msg.n, msg.layer) <= mark:
+                self.dropped += 1
+                return
             self.boxes[msg.key].append(msg)
+            self.size += 1
+            self.peak = max(self.peak, self.size)
             self.cond.notify_all()
+
+    def retire(self, kind: Kind, n: int, layer: int = 0) -> None:
+        """Drop the messages of ``kind`` at (n, layer) and refuse any of them, or of an earlier (n, layer),
+        that come later."""
+        with self.cond:
+            mark = (int(n), int(layer))
+            self.retired[int(kind)] = max(mark, self.retired.get(int(kind), mark))
+            box = self.boxes.pop(key_of(kind, n, layer), None)
+            self.size -= len(box) if box else 0
+
+    def reset_peak(self) -> None:
+        with self.cond:
+            self.peak = self.size
 
     def fail(self, error: BaseException) -> None:
         with self.cond:
@@ -136,13 +170,15 @@ class Mailbox:
             if not box:
                 return None
             msg = box.popleft()
+            self.size -= 1
             if not box:
                 del self.boxes[key]
             return msg
 
     def discard(self, key: tuple) -> None:
         with self.cond:
-            self.boxes.pop(key, None)
+            box = self.boxes.pop(key, None)
+            self.size -= len(box) if box else 0
 
     def all(self, key: tuple) -> list[Message]:
         """Every message under ``key`` that is here, oldest first, without taking them."""
@@ -372,22 +408,43 @@ class Comm:
                 raise PeerLost(f"a peer became unreachable ({_short(e)})") from None
 
     def _receive(self, peer: int) -> None:
-        def payload(nbytes: int) -> torch.Tensor:
-            t = torch.empty(nbytes, dtype=torch.uint8)
-            dist.recv(t, peer, tag=TAG_PAYLOAD)
+        def recv(t: torch.Tensor, tag: int) -> torch.Tensor:
+            try:
+                dist.recv(t, peer, tag=tag)
+            except Exception as e:  # the connection broke: the peer died, or everyone is shutting down
+                raise _Broken(e) from e
             return t
+
+        def payload(nbytes: int) -> torch.Tensor:
+            return recv(torch.empty(nbytes, dtype=torch.uint8), TAG_PAYLOAD)
 
         try:
             while True:
-                buf = torch.empty(HEADER + INLINE_BYTES // 8, dtype=torch.int64)
-                dist.recv(buf, peer, tag=TAG_MSG)
-                msg = _unpack(buf, peer, payload)
+                buf = recv(torch.empty(HEADER + INLINE_BYTES // 8, dtype=torch.int64), TAG_MSG)
+                try:
+                    msg = _unpack(buf, peer, payload)
+                except _Broken:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the bytes came; decoding them failed
+                    self.mailbox.fail(
+                        MessageError(
+                            f"could not decode a message from {Layout.name(peer)} "
+                            f"({type(e).__name__}: {e}); a bug in odmoe's messages, not a lost connection"
+                        )
+                    )
+                    return
                 if msg.kind == Kind.STOP:
                     self.stopping = True
                 self.mailbox.put(msg)
-        except Exception as e:  # the connection broke: the peer died, or everyone is shutting down
+        except _Broken as e:
             if not self.stopping:
-                self.mailbox.fail(PeerLost(f"lost the connection to {Layout.name(peer)} ({_short(e)})"))
+                self.mailbox.fail(
+                    PeerLost(f"lost the connection to {Layout.name(peer)} ({_short(e.__cause__)})")
+                )
+
+
+class _Broken(Exception):
+    """A receive failed in the transport (as opposed to decoding what was received)."""
 
 
 def _short(e: BaseException) -> str:

@@ -50,6 +50,7 @@ from odmoe.errors import OdmoeError
 from odmoe.models.load import load_model
 from odmoe.predict.sep import Alignment
 from odmoe.runtime import memory
+from odmoe.runtime.kv import cache_bytes, unpack_rows
 from odmoe.runtime.layout import MAIN, Layout
 from odmoe.runtime.messages import Kind, key_of
 from odmoe.runtime.node import Node, tick
@@ -216,7 +217,7 @@ class ShadowNode:
             )
             self._finish()
             own = next_token(self.model, prompt, logits)
-            ledger.set("kv", _cache_bytes(self.cache))
+            ledger.set("kv", cache_bytes(self.cache))
             ledger.set("activations", 0)
         prefill_peak = self.node.device.peak_bytes()
         self.node.device.reset_peak()
@@ -257,7 +258,7 @@ class ShadowNode:
                 self.restarts += 1
             finally:
                 self.emitting = False
-        ledger.set("kv", _cache_bytes(self.cache))
+        ledger.set("kv", cache_bytes(self.cache))
         ledger.set("activations", 0)
         return next_token(self.model, self.prompt + [self.used[m] for m in range(1, n + 1)], logits)
 
@@ -285,7 +286,7 @@ class ShadowNode:
         """
         self._consumed = m
         if msg.tensor is not None and self.cache is not None:
-            _overwrite_kv(self.cache, msg.tensor, msg.ints[1], msg.ints[2])
+            unpack_rows(self.cache, msg.tensor, msg.ints[1], msg.ints[2])
         token, it = msg.ints[0], m + 1
         version = self.version.get(it, 0)
         if token < 0 or self.model is None:
@@ -330,27 +331,9 @@ class _Restart(Exception):
         self.token = token
 
 
-def _cache_bytes(cache: DynamicCache) -> int:
-    return sum(
-        layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.keys is not None
-    )
-
-
 def _truncate(cache: DynamicCache, length: int) -> None:
     """Drop cache positions >= ``length`` in every layer (layers an interrupted pass did not reach have none)."""
     for layer in cache.layers:
         extra = layer.get_seq_length() - length
         if extra > 0:
             layer.crop(-extra)
-
-
-def _overwrite_kv(cache: DynamicCache, kv: torch.Tensor, start: int, count: int) -> None:
-    """Overwrite cache positions ``start .. start + count - 1`` of every layer with the main node's KV
-    (``kv`` [layers, 2, kv_heads, count, head_dim]), cast to the shadow's dtype."""
-    for i, layer in enumerate(cache.layers):
-        if layer.keys.shape[-2] < start + count:
-            raise OdmoeError(
-                "KV alignment needs a full (non-sliding-window) cache; this model's cache is shorter"
-            )
-        layer.keys[0, :, start : start + count] = kv[i, 0].to(layer.keys.device, layer.keys.dtype)
-        layer.values[0, :, start : start + count] = kv[i, 1].to(layer.values.device, layer.values.dtype)

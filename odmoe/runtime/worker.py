@@ -111,9 +111,9 @@ class WorkerNode:
             self.serve(job, output_len)
 
     def serve(self, job: int, output_len: int) -> None:
-        dev = self.node.device
+        dev, mb = self.node.device, self.node.comm.mailbox
         dev.reset_peak()
-        loads0, bytes0 = dev.loads, dev.bytes_loaded
+        loads0, bytes0, dropped0 = dev.loads, dev.bytes_loaded, mb.dropped
         jobs = self.jobs(job, output_len)
         serve = self._serve_virtual if self.node.clock.virtual else self._serve_wall
         stalls, reloads, prefill_peak = serve(jobs)
@@ -131,6 +131,8 @@ class WorkerNode:
             reloads,
             stalls,
             self.host_bytes,
+            mb.peak,
+            mb.dropped - dropped0,
         ]
         self.node.comm.send(MAIN, Kind.JOB_END, tick(job, 0), self.node.rank, ints)
 
@@ -150,6 +152,7 @@ class WorkerNode:
                 if prefill_peak is None:
                     prefill_peak = dev.peak_bytes()
                     dev.reset_peak()
+                    self.node.comm.mailbox.reset_peak()
                 stall, reload = self._decode_virtual(job, slot_free[job.slot])
                 stalls += stall > 0
                 reloads += reload
@@ -185,9 +188,9 @@ class WorkerNode:
         if job.position != self.layout.positions(self.w, job.layer)[-1]:
             return
         mb = self.node.comm.mailbox
-        mb.discard(key_of(Kind.PREDICT, job.n, job.layer))
+        mb.retire(Kind.PREDICT, job.n, job.layer)  # a prediction still on its way is dropped when it comes
         if job.layer == self.layout.served_layers(self.w)[-1]:
-            mb.discard(key_of(Kind.SETTLED, job.n))
+            mb.retire(Kind.SETTLED, job.n)
 
     def _compute_decode(self, job: Job, hidden, reload: int) -> tuple[float, int]:
         """Use the hidden state, wait for the expert, compute, send the output back."""
@@ -221,6 +224,7 @@ class WorkerNode:
             if not head.prefill and prefill_peak is None:
                 prefill_peak = dev.peak_bytes()
                 dev.reset_peak()
+                mb.reset_peak()
             deadline = time.monotonic() + self.node.timeout
             while True:
                 self._issue(jobs, i)
