@@ -257,6 +257,8 @@ def run(cfg, run: Run) -> dict:
     torch.set_num_threads(int(e.threads))  # the measured clock reads one thread's CPU time
     under_test = str(cfg.system.name)
     runs = plan([str(s) for s in e.systems], under_test)
+    if str(cfg.get("device", "auto")) == "auto" and cfg.hardware.get("emulated"):
+        cfg = OmegaConf.merge(cfg, {"device": "cpu"})  # an emulated profile runs every system on the CPU
     lm = load_from_cfg(cfg)
     run.bind_model(lm.name, lm.fingerprint)
     hardware = resolve_hardware(cfg, lm)
