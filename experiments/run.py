@@ -39,8 +39,20 @@ def available_experiments() -> list[str]:
     return available("exp")
 
 
+def _last_line(text: str) -> None:
+    """Print the run's last line on a line of its own: progress bars still open are closed first."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    print(text, file=sys.stderr, flush=True)
+
+
 def _fail(message: str) -> None:
-    print(f"odmoe: error: {message}", file=sys.stderr)
+    _last_line(f"odmoe: error: {message}")
     sys.exit(2)
 
 
@@ -147,7 +159,7 @@ def main(cfg: DictConfig) -> dict | None:
     except signals.Interrupted as e:
         if run is not None:
             run.interrupt(e.name)
-        print(e.line(), file=sys.stderr, flush=True)
+        _last_line(e.line())
         sys.exit(e.exit_code)
     except BaseException as e:
         if run is not None:
@@ -170,7 +182,7 @@ def cli(argv: list[str] | None = None) -> None:
             _fail(str(e))
         main()
     except signals.Interrupted as e:  # before a run directory exists
-        print(e.line(), file=sys.stderr, flush=True)
+        _last_line(e.line())
         sys.exit(e.exit_code)
 
 

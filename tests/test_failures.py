@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from odmoe.paths import repo_root
 
 
 def _env(home: Path, **extra: str) -> dict:
-    return dict(os.environ, ODMOE_HOME=str(home), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return {**os.environ, "ODMOE_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 def _runner(results: Path, *args: str) -> list[str]:
@@ -194,37 +195,100 @@ def test_sigterm_during_recall_marks_interrupted_and_leaves_no_worker(
     assert json.loads((run_dir / "meta.json").read_text())["status"] == "complete"
 
 
+class _Watched:
+    """A subprocess whose stderr is collected by a thread, so a test can wait for a line and then signal."""
+
+    def __init__(self, cmd: list[str], env: dict):
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+        self.err = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for chunk in iter(lambda: self.proc.stderr.read1(4096), b""):
+            self.err += chunk.decode(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 600) -> None:
+        _wait_for(lambda: re.search(pattern, self.err), timeout, self.proc)
+
+    def stop(self, sig: int) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=120)
+        self._reader.join(10)
+        return code
+
+
 def test_ctrl_c_during_training_checkpoints_and_the_rerun_resumes(tmp_path, micro_mixtral_dir):
-    """SIGINT mid-training: one line, no temporary model directory; the rerun resumes and trains the same model."""
-    home = tmp_path / "home"
-    results = tmp_path / "results"
+    """SIGINT mid-training: one line, exit 130, a checkpoint and no temporary model directory; the rerun
+    resumes from that step (not from zero), and a SIGTERM there checkpoints again."""
+    home, results = tmp_path / "home", tmp_path / "results"
     cmd = _runner(results, "+exp=pretrain", "model=micro-mixtral")
-    env = _env(home, OMP_NUM_THREADS=str(min(2, os.cpu_count() or 1)))
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-    state = home / "models" / ".micro-mixtral.checkpoint" / "state.json"
-    _wait_for(state.exists, 120, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGINT, err
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert [line for line in err.splitlines() if line.startswith("odmoe: ")][-1].startswith(
-        "odmoe: interrupted"
+    first = _Watched(cmd, _env(home))
+    try:
+        first.wait_for(r"train micro-mixtral: +\d+%\|[^|]*\| [1-9]\d*/150")  # a step has finished
+        assert first.stop(signal.SIGINT) == 128 + signal.SIGINT, first.err
+    finally:
+        first.proc.kill()
+    assert "Traceback" not in first.err and "KeyboardInterrupt" not in first.err
+    assert (
+        first.err.rstrip().splitlines()[-1]
+        == "odmoe: interrupted by SIGINT; rerun the same command to resume"
     )
     models = home / "models"
-    assert sorted(p.name for p in models.iterdir()) == [".micro-mixtral.checkpoint"]  # no tmp, no model
+    assert sorted(p.name for p in models.iterdir()) == [".micro-mixtral.checkpoint"]  # no tmp dir, no model
+    state = models / ".micro-mixtral.checkpoint" / "state.json"
     stopped_at = json.loads(state.read_text())["step"]
-    assert 25 <= stopped_at < 150
+    assert 1 <= stopped_at < 150 and len(json.loads(state.read_text())["log"]) == stopped_at
     meta = json.loads((results / "pretrain" / "default" / "meta.json").read_text())
     assert meta["status"] == "interrupted" and meta["signal"] == "SIGINT"
 
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert again.returncode == 0, again.stderr
-    assert f"resuming the training of micro-mixtral at step {stopped_at}" in again.stderr
-    assert sorted(p.name for p in models.iterdir()) == ["micro-mixtral"]  # checkpoint removed when done
-    resumed = pd.read_csv(models / "micro-mixtral" / "train_log.csv")
-    straight = pd.read_csv(micro_mixtral_dir / "train_log.csv")  # the session's uninterrupted training
-    assert list(resumed.step) == list(range(150))
-    pd.testing.assert_series_equal(resumed.loss, straight.loss)
+    again = _Watched(cmd, _env(home))
+    try:
+        again.wait_for(f"resuming the training of micro-mixtral at step {stopped_at} of 150")
+        again.wait_for(rf"\| {stopped_at + 1}/150")
+        assert again.stop(signal.SIGTERM) == 128 + signal.SIGTERM, again.err
+    finally:
+        again.proc.kill()
+    assert "Traceback" not in again.err
+    assert json.loads(state.read_text())["step"] > stopped_at
+
+
+def test_interrupted_training_resumes_to_the_same_model(tmp_path, monkeypatch, one_thread):
+    """Interrupted (SIGINT at a checkpoint) and resumed training gives bitwise the weights and losses of an
+    uninterrupted one (a nano recipe, so the test takes seconds)."""
+    from dataclasses import replace
+
+    import torch
+    from safetensors.torch import load_file
+
+    from odmoe.models import tiny
+    from odmoe.signals import Interrupted
+
+    base = tiny.EMBEDDED["micro-mixtral"]
+    nano = dict(base.config, num_hidden_layers=2, hidden_size=16, intermediate_size=32)
+    spec = replace(base, config=nano, steps=12, batch_size=2, seq_len=32, train_chapters=20, eval_windows=2)
+    monkeypatch.setitem(tiny.EMBEDDED, "nano", spec)
+    monkeypatch.setattr(tiny, "CHECKPOINT_EVERY", 4)
+    tiny.train_embedded("nano", tmp_path / "straight", progress=False)
+    state = tmp_path / ".resumed.checkpoint" / "state.json"
+
+    def interrupt_at_first_checkpoint() -> None:
+        while not state.exists():
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_at_first_checkpoint, daemon=True).start()
+    with pytest.raises(Interrupted):
+        tiny.train_embedded("nano", tmp_path / "resumed", progress=False)
+    assert 4 <= json.loads(state.read_text())["step"] < 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".resumed.checkpoint", "straight"]
+    tiny.train_embedded("nano", tmp_path / "resumed", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "straight"]
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [pd.read_csv(tmp_path / d / "train_log.csv") for d in ("straight", "resumed")]
+    assert list(logs[1].step) == list(range(12))
+    pd.testing.assert_series_equal(logs[0].loss, logs[1].loss)
 
 
 def test_stopped_rank_under_torchrun_is_killed_not_left_to_linger(tmp_path, micro_mixtral_dir, odmoe_home):
