@@ -161,9 +161,32 @@ def check_world(layout) -> None:
 
 
 def _bad_input(error: OdmoeError) -> None:
-    """Every rank sees the same bad input; only rank 0 says so (one line, not one per rank); exit 2."""
+    """Every rank sees the same bad input; only rank 0 says so (one line, not one per rank); exit 2.
+
+    The other ranks wait (up to 60 s) in the launcher's store until rank 0 has spoken: exiting first would
+    make torchrun's agent terminate rank 0 before its line is out."""
+    key = f"odmoe/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/bad_input"
+    store = None
+    try:
+        import torch.distributed as dist
+
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=60),
+        )
+    except Exception:  # noqa: BLE001 - no launcher store: nobody to wait for
+        store = None
     if os.environ.get("RANK", "0") == "0":
         print(f"odmoe: error: {error}", file=sys.stderr, flush=True)
+        if store is not None:
+            store.set(key, "said")
+    elif store is not None:
+        try:
+            store.wait([key])
+        except Exception:  # noqa: BLE001 - rank 0 never spoke: exit anyway
+            pass
     sys.stderr.flush()
     os._exit(2)
 
