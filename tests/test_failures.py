@@ -301,11 +301,18 @@ def test_stopped_rank_under_torchrun_is_killed_not_left_to_linger(tmp_path, micr
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(odmoe_home)
     )
-    _wait_for(lambda: (out / "status").exists() and len(list(out.glob("rank*.pid"))) == 4, 240, proc)
-    pids = {int(p.name[4:-4]): int(p.read_text()) for p in out.glob("rank*.pid")}
-    os.kill(pids[3], signal.SIGSTOP)
-    t0 = time.time()
-    output, _ = proc.communicate(timeout=timeout + 30)
+    pids: dict[int, int] = {}
+    try:
+        _wait_for(lambda: (out / "status").exists() and len(list(out.glob("rank*.pid"))) == 4, 600, proc)
+        pids = {int(p.name[4:-4]): int(p.read_text()) for p in out.glob("rank*.pid")}
+        os.kill(pids[3], signal.SIGSTOP)
+        t0 = time.time()
+        output, _ = proc.communicate(timeout=timeout + 30)
+    finally:  # a failed run leaves nothing behind either
+        proc.kill()
+        for pid in pids.values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
     gone = [r for r, pid in pids.items() if not _alive(pid)]
     assert time.time() - t0 < timeout + 10, output
     assert sorted(gone) == [0, 1, 2, 3], output
