@@ -163,38 +163,6 @@ def _wait_for(what, timeout: float, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-def test_sigterm_during_recall_marks_interrupted_and_leaves_no_worker(
-    tmp_path, micro_mixtral_dir, odmoe_home
-):
-    results = tmp_path / "results"
-    args = (
-        "+exp=recall",
-        "model=micro-mixtral",
-        "exp.num_prompts=4",
-        "exp.prompt_len=8",
-        "exp.output_len=24",
-    )
-    args += ("exp.workers=2", "exp.precisions=[fp16]", "exp.alignments=[none,token_kv]")
-    proc = subprocess.Popen(_runner(results, *args), stderr=subprocess.PIPE, text=True, env=_env(odmoe_home))
-    _wait_for(lambda: len(_forked_children(proc.pid)) >= 2, 120, proc)  # the forked workers are busy
-    workers = _forked_children(proc.pid)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "Traceback" not in err
-    ours = [line for line in err.splitlines() if line.startswith("odmoe:")]
-    assert ours == ["odmoe: interrupted by SIGTERM; rerun the same command to resume"], err
-    time.sleep(0.5)
-    assert not [w for w in workers if _alive(w)]  # no forked worker outlives its parent
-    run_dir = results / "recall" / "default"
-    meta = json.loads((run_dir / "meta.json").read_text())
-    assert meta["status"] == "interrupted" and meta["signal"] == "SIGTERM"
-    assert not (run_dir / "summary.json").exists()
-    again = subprocess.run(_runner(results, *args), capture_output=True, text=True, env=_env(odmoe_home))
-    assert again.returncode == 0, again.stderr
-    assert json.loads((run_dir / "meta.json").read_text())["status"] == "complete"
-
-
 class _Watched:
     """A subprocess whose stderr is collected by a thread, so a test can wait for a line and then signal."""
 
@@ -216,6 +184,39 @@ class _Watched:
         code = self.proc.wait(timeout=120)
         self._reader.join(10)
         return code
+
+
+def test_sigterm_during_recall_marks_interrupted_and_leaves_no_worker(
+    tmp_path, micro_mixtral_dir, odmoe_home
+):
+    results = tmp_path / "results"
+    args = (
+        "+exp=recall",
+        "model=micro-mixtral",
+        "exp.num_prompts=2",
+        "exp.prompt_len=8",
+        "exp.output_len=16",
+    )
+    args += ("exp.workers=2", "exp.precisions=[fp16]", "exp.alignments=[none,token_kv]")
+    run = _Watched(_runner(results, *args), _env(odmoe_home))
+    try:
+        _wait_for(lambda: len(_forked_children(run.proc.pid)) >= 2, 600, run.proc)  # forked workers busy
+        workers = _forked_children(run.proc.pid)
+        assert run.stop(signal.SIGTERM) == 128 + signal.SIGTERM, run.err
+    finally:
+        run.proc.kill()
+    assert "Traceback" not in run.err
+    ours = [line for line in run.err.splitlines() if line.startswith("odmoe:")]
+    assert ours == ["odmoe: interrupted by SIGTERM; rerun the same command to resume"], run.err
+    time.sleep(0.5)
+    assert not [w for w in workers if _alive(w)]  # no forked worker outlives its parent
+    run_dir = results / "recall" / "default"
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["status"] == "interrupted" and meta["signal"] == "SIGTERM"
+    assert not (run_dir / "summary.json").exists()
+    again = subprocess.run(_runner(results, *args), capture_output=True, text=True, env=_env(odmoe_home))
+    assert again.returncode == 0, again.stderr
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "complete"
 
 
 def test_ctrl_c_during_training_checkpoints_and_the_rerun_resumes(tmp_path, micro_mixtral_dir):
