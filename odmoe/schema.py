@@ -223,6 +223,7 @@ class RecallExp:
     workers: Any = "auto"  # "auto" or a number of forked processes
     replay: str = _f("auto", choices=("auto", "sequential"))
     batch_prompts: int = _f(32, minimum=1)
+    figures: bool = True
 
 
 @dataclass
@@ -288,6 +289,7 @@ class E2eExp:
     hardware: str = "cpu-emulated"
     overrides: dict[str, Any] = field(default_factory=dict)
     threads: int = _f(1, minimum=1)
+    figures: bool = True
 
 
 @dataclass

@@ -105,6 +105,21 @@ def test_system_configs_are_checked_before_any_rank_starts(args, expect, micro_m
         preflight(["+exp=e2e", "model=micro-mixtral", *args])
 
 
+def test_every_shipped_config_passes_its_schema():
+    """Each experiment, system and hardware profile in conf/ validates (a new key needs its schema field)."""
+    from hydra import compose, initialize_config_dir
+
+    from odmoe.schema import available, validate
+
+    with initialize_config_dir(str(repo_root() / "conf"), version_base="1.3"):
+        for exp in available("exp"):
+            validate(compose("config", [f"+exp={exp}"]))
+        for hardware in available("hardware"):
+            validate(compose("config", ["+exp=reference", f"hardware={hardware}", "timing=modelled"]))
+        for system in available("system"):
+            validate(compose("config", ["+exp=quality", f"+system={system}"]))
+
+
 def test_corrupted_safetensors_header_is_refused(tmp_path, micro_mixtral_dir):
     from odmoe.models.load import check_weights
 
