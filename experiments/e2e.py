@@ -275,6 +275,8 @@ def run(cfg, run: Run) -> dict:
         plugins = [under_test]
         systems += [] if under_test in systems else [under_test]
     runs = plan(systems, under_test, plugins)
+    if str(cfg.get("device", "auto")) == "auto" and cfg.hardware.get("emulated"):
+        cfg = OmegaConf.merge(cfg, {"device": "cpu"})  # an emulated profile runs every system on the CPU
     lm = load_from_cfg(cfg)
     run.bind_model(lm.name, lm.fingerprint)
     hardware = resolve_hardware(cfg, lm)

@@ -60,10 +60,13 @@ def spec_from_cfg(cfg, system: Any, jobs: list[dict], collect_logits: bool = Fal
         raise OdmoeError(f"model {m.name!r} is not embedded; pass model.path=<local directory>")
     from odmoe.clock import resolve_timing
     from odmoe.hardware import profile_from_config
+    from odmoe.schema import check_device, check_system
 
     hardware = OmegaConf.to_container(cfg.hardware, resolve=True)
     system = OmegaConf.to_container(system, resolve=True) if not isinstance(system, dict) else system
+    check_system(system)
     device = str(cfg.get("device", "auto"))
+    check_device(device, str(hardware.get("name")), bool(hardware.get("emulated")))
     timing = resolve_timing(cfg.get("timing"), profile_from_config(hardware), device)
     if timing.virtual:
         device = "cpu"
@@ -121,8 +124,7 @@ def run_rank(spec: dict, out_dir: Path | None) -> None:
         layout = layout_for(spec)
         node = connect(spec, layout, out_dir)
     except OdmoeError as e:
-        print(f"odmoe: error: {e}", file=sys.stderr, flush=True)
-        os._exit(2)
+        _bad_input(e)
     node.start_watchdog()
     if out_dir is not None:
         (out_dir / f"rank{node.rank}.pid").write_text(f"{os.getpid()}\n")
@@ -147,7 +149,57 @@ def run_rank(spec: dict, out_dir: Path | None) -> None:
     os._exit(0)
 
 
+def check_world(layout) -> None:
+    """The processes torchrun started (``WORLD_SIZE``) are the ones the layout needs."""
+    world = int(os.environ.get("WORLD_SIZE", layout.world_size))
+    if world != layout.world_size:
+        raise OdmoeError(
+            f"{world} processes were started but the layout needs {layout.world_size} "
+            f"(main + shadow + {layout.num_workers} workers); use --nproc-per-node/--nnodes giving "
+            f"{layout.world_size} in all, or system.workers={world - 2}"
+        )
+
+
+def _bad_input(error: OdmoeError) -> None:
+    """Every rank sees the same bad input; only rank 0 says so (one line, not one per rank); exit 2.
+
+    The other ranks wait (up to 60 s) in the launcher's store until rank 0 has spoken: exiting first would
+    make torchrun's agent terminate rank 0 before its line is out."""
+    key = f"odmoe/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/bad_input"
+    store = None
+    try:
+        import torch.distributed as dist
+
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=60),
+        )
+    except Exception:  # noqa: BLE001 - no launcher store: nobody to wait for
+        store = None
+    if os.environ.get("RANK", "0") == "0":
+        print(f"odmoe: error: {error}", file=sys.stderr, flush=True)
+        if store is not None:
+            store.set(key, "said")
+    elif store is not None:
+        try:
+            store.wait([key])
+        except Exception:  # noqa: BLE001 - rank 0 never spoke: exit anyway
+            pass
+    sys.stderr.flush()
+    os._exit(2)
+
+
 # ---- the single-machine spawner ---------------------------------------------------------------
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, state T): it cannot end itself, so it is killed."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 def _die_with_parent() -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -164,7 +216,9 @@ def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -
     import torch.distributed as dist
 
     from odmoe.runtime.layout import Layout
+    from odmoe.schema import check_system
 
+    check_system(spec["system"])  # a bad system config fails here, not after 2 + W model loads
     layout = layout_for(spec)  # impossible layouts fail here, before anything starts
     world = layout.world_size
     out_dir = Path(out_dir)
@@ -214,6 +268,7 @@ def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -
                     stderr=subprocess.STDOUT,
                     cwd=repo_root(),
                     preexec_fn=_die_with_parent,
+                    start_new_session=True,  # Ctrl-C reaches the spawner, which ends the ranks itself
                 )
             )
         failed_at = None
@@ -224,6 +279,10 @@ def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -
                 break
             if failed_at is None and (any(c not in (None, 0) for c in codes) or store.check([abort_key])):
                 failed_at = time.time()
+            if failed_at is not None:
+                for p, c in zip(procs, codes, strict=True):
+                    if c is None and _stopped(p.pid):
+                        p.kill()
             if failed_at is not None and (
                 all(c is not None for c in codes) or time.time() - failed_at > timeout + 2
             ):
@@ -256,11 +315,16 @@ def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
+    from odmoe.schema import compose_error
+
     if not any(o.split("=", 1)[0].lstrip("+") == "system" for o in overrides):
         overrides = [*overrides, "+system=odmoe"]
     overrides = [("+" + o if o.startswith("system=") else o) for o in overrides]
     with initialize_config_dir(str(repo_root() / "conf"), version_base="1.3"):
-        return compose("config", overrides)
+        try:
+            return compose("config", overrides)
+        except Exception as e:  # noqa: BLE001 - Hydra's composition errors, as one line
+            raise compose_error(e) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,16 +348,19 @@ def main(argv: list[str] | None = None) -> None:
             from transformers import AutoTokenizer
 
             from odmoe.data.prompts import load_prompts
+            from odmoe.schema import validate
 
             cfg = _compose(args.overrides)
-            model_dir = spec_from_cfg(cfg, cfg.system, [])["model"]["path"]
-            tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            validate(cfg)
+            spec = spec_from_cfg(cfg, cfg.system, [])
+            check_world(layout_for(spec))  # before any prompt is read: every rank fails at once
+            tok = AutoTokenizer.from_pretrained(spec["model"]["path"], local_files_only=True)
             prompts = load_prompts(cfg.data, tok, args.prompt_len, args.num_prompts)
-            jobs = [{"id": p.id, "prompt": list(p.token_ids), "output_len": args.output_len} for p in prompts]
-            spec = spec_from_cfg(cfg, cfg.system, jobs)
+            spec["jobs"] = [
+                {"id": p.id, "prompt": list(p.token_ids), "output_len": args.output_len} for p in prompts
+            ]
         except OdmoeError as e:
-            print(f"odmoe: error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            _bad_input(e)
     run_rank(spec, out)
 
 

@@ -2,7 +2,8 @@
 
 A run directory holds
   * ``meta.json``: resolved config, its hash, git commit, package versions, machine, hardware
-    profile (and whether it was emulated), status (``running`` / ``complete`` / ``failed``);
+    profile (and whether it was emulated), status (``running`` / ``complete`` / ``failed`` /
+    ``interrupted``: stopped by SIGINT or SIGTERM, resumable by rerunning the same command);
   * one CSV per table, appended row by row as rows finish, so a rerun with the same run name
     skips what is done;
   * ``summary.json``: flat headline figures, written last and only on success, so a directory
@@ -213,6 +214,17 @@ class Run:
         )
         _write_json(self.dir / "meta.json", self.meta)
         return flat
+
+    def interrupt(self, signal_name: str) -> None:
+        """Stopped by a signal: no summary, the rows written so far kept for the rerun that resumes."""
+        (self.dir / "summary.json").unlink(missing_ok=True)
+        self.meta.update(
+            status="interrupted",
+            signal=signal_name,
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            wall_s=round(time.perf_counter() - self._t0, 3),
+        )
+        _write_json(self.dir / "meta.json", self.meta)
 
     def fail(self, error: BaseException) -> None:
         (self.dir / "summary.json").unlink(missing_ok=True)

@@ -83,4 +83,4 @@ def test_bad_input_gives_one_error_line_and_no_summary(tmp_path, micro_mixtral_d
     for meta in tmp_path.rglob("meta.json"):
         assert json.loads(meta.read_text())["status"] == "failed"
     unknown = run_exp("+exp=no_such_experiment", results=tmp_path, env_home=odmoe_home)
-    assert unknown.returncode != 0 and "Could not find 'exp/no_such_experiment'" in unknown.stderr
+    assert unknown.returncode == 2 and "no experiment 'no_such_experiment'; choose one of" in unknown.stderr

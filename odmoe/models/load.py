@@ -7,6 +7,8 @@ refused rather than unpickled.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,67 @@ def checkpoint_fingerprint(directory: Path, sample: int = 1 << 20) -> str:
             fh.seek(max(0, size - sample))
             h.update(fh.read(sample))
     return h.hexdigest()[:16]
+
+
+_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+_ITEMSIZE |= {"U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def check_weights(directory: Path) -> None:
+    """Every ``*.safetensors`` file in ``directory`` is whole: a readable header whose tensors exactly fill
+    the file. Catches truncated copies and corrupted headers in milliseconds, before a model is built
+    (safetensors stores no checksum, so flipped bits inside tensor data cannot be seen)."""
+    for f in sorted(directory.glob("*.safetensors")):
+        problem = _safetensors_problem(f)
+        if problem:
+            raise OdmoeError(
+                f"weights file {f} is truncated or corrupted ({problem}); copy or download it again "
+                f"(an embedded model: delete {directory} and rerun to retrain it)"
+            )
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a header"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return f"header of {n} bytes in a {size}-byte file"
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "unreadable header"
+    if not isinstance(header, dict):
+        return "unreadable header"
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(x) for x in t["data_offsets"])
+            count = math.prod(int(d) for d in t["shape"])
+        except (TypeError, KeyError, ValueError):
+            return f"bad entry for tensor {name}"
+        itemsize = _ITEMSIZE.get(t.get("dtype"))
+        if stop < begin or (itemsize is not None and stop - begin != count * itemsize):
+            return f"tensor {name} has {stop - begin} bytes for shape {t['shape']}"
+        end = max(end, stop)
+    if 8 + n + end != size:
+        return f"{size} bytes on disk, the header describes {8 + n + end}"
+    return None
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -112,6 +175,7 @@ def load_model(
         )
     if dtype not in DTYPES:
         raise OdmoeError(f"unknown model.dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    check_weights(directory)
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=DTYPES[dtype], use_safetensors=True, local_files_only=True
     ).to(pick_device(device))

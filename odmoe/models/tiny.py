@@ -12,6 +12,12 @@ tokens per layer (the least share must stay above 2%).
 A trained model lives in ``$ODMOE_HOME/models/<name>/``: ``model.safetensors``, ``config.json``, the
 tokenizer, ``train_log.csv`` and ``train_summary.json``. It is written to a temporary directory
 and renamed into place, so a half-trained model never looks complete.
+
+Training checkpoints every ``CHECKPOINT_EVERY`` steps and when SIGINT or SIGTERM arrives (the signal is
+deferred to the end of the running step, ``odmoe.signals.deferred``) into ``.<name>.checkpoint/`` beside
+the model: weights, AdamW state and the batch sampler's RNG state as safetensors (never pickled), the
+tokenizer, and the log so far. Training again resumes there and produces the same model as an
+uninterrupted run (same batches, same optimizer state); a checkpoint of another recipe is ignored.
 """
 
 from __future__ import annotations
@@ -31,11 +37,14 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from odmoe import signals
 from odmoe.data.corpus import split_chapters
 from odmoe.data.tokenizer import train_tokenizer
 from odmoe.errors import OdmoeError
 from odmoe.models.adapter import MoEAdapter
 from odmoe.paths import odmoe_home
+
+CHECKPOINT_EVERY = 25  # training steps between checkpoints (a kill -9 loses at most this many)
 
 
 @dataclass(frozen=True)
@@ -242,27 +251,80 @@ def build_config(spec: EmbeddedSpec, vocab_size: int, eos_id: int):
     )
 
 
+def checkpoint_dir(final: Path) -> Path:
+    return final.parent / f".{final.name}.checkpoint"
+
+
+def _save_checkpoint(where: Path, model, optim, gen: torch.Generator, tokenizer, state: dict) -> None:
+    """Weights, AdamW moments and the sampler's RNG as safetensors + ``state.json``; replaced atomically."""
+    from safetensors.torch import save_file
+
+    tmp = where.with_name(where.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    names = {id(p): n for n, p in model.named_parameters()}
+    moments = {}
+    for p, st in optim.state.items():
+        for key, value in st.items():
+            moments[f"{names[id(p)]}::{key}"] = torch.as_tensor(value).contiguous()
+    moments["::rng"] = gen.get_state()
+    save_file(moments, tmp / "optimizer.safetensors")
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    (tmp / "state.json").write_text(json.dumps(state) + "\n")
+    shutil.rmtree(where, ignore_errors=True)
+    tmp.rename(where)
+
+
+def _load_checkpoint(where: Path, spec: EmbeddedSpec) -> dict | None:
+    """The checkpoint's state (with ``tokenizer``) when it was made with this recipe, else None."""
+    try:
+        state = json.loads((where / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("spec") != json.loads(json.dumps(asdict(spec))):
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    state["tokenizer"] = PreTrainedTokenizerFast.from_pretrained(where / "tokenizer")
+    return state
+
+
+def _restore(where: Path, model, optim, gen: torch.Generator) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(where / "model.safetensors"))
+    moments = load_file(where / "optimizer.safetensors")
+    gen.set_state(moments.pop("::rng"))
+    params = dict(model.named_parameters())
+    for key, value in moments.items():
+        name, what = key.split("::")
+        # moments beside their parameter; AdamW keeps `step` on the host (capturable=False)
+        optim.state[params[name]][what] = value if what == "step" else value.to(params[name].device)
+
+
 def train_embedded(
     name: str, out_dir: Path | None = None, progress: bool = True, device: str = "cpu"
 ) -> dict[str, Any]:
     """Train embedded model ``name`` on ``device`` and store it in ``out_dir`` (default: the cache). Returns
     its summary.
 
-    The recipe is the same on every device (same seed, batches and steps); a model trained on a GPU differs
-    from a CPU-trained one only by floating-point rounding, so its measurements are not the README's to the
-    last digit. On CUDA the experts train with the eager loop: transformers' ``grouped_mm`` path, the CPU's
-    fastest, has CUDA kernels whose fp32 support this project has not checked."""
+    Resumes from the checkpoint a SIGINT/SIGTERM (or a kill) left behind (module docstring). The recipe is
+    the same on every device (same seed, batches and steps); a model trained on a GPU differs from a
+    CPU-trained one only by floating-point rounding. On CUDA the experts train with the eager loop:
+    transformers' ``grouped_mm`` path, the CPU's fastest, has CUDA kernels whose fp32 support this project
+    has not checked."""
     spec = EMBEDDED[name]
     dev = torch.device(device)
     final = Path(out_dir) if out_dir else embedded_dir(name)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    ckpt = checkpoint_dir(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
     t0 = time.perf_counter()
 
     train_texts = split_chapters("train")[: spec.train_chapters]
-    tokenizer = train_tokenizer(train_texts, spec.vocab_size)
+    resumed = _load_checkpoint(ckpt, spec)
+    tokenizer = resumed["tokenizer"] if resumed else train_tokenizer(train_texts, spec.vocab_size)
     train_tokens = _token_stream(tokenizer, train_texts)
     eval_tokens = _token_stream(tokenizer, split_chapters("eval"))
 
@@ -273,32 +335,55 @@ def train_embedded(
     model.set_experts_implementation("grouped_mm" if dev.type == "cpu" else "eager")
     optim = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(spec.seed)
-    log_rows = []
+    log_rows: list[dict] = []
+    first, before = 0, 0.0
+    if resumed:
+        _restore(ckpt, model, optim, gen)
+        first, before, log_rows = resumed["step"], resumed["elapsed_s"], resumed["log"]
+        print(f"odmoe: resuming the training of {name} at step {first} of {spec.steps}", file=sys.stderr)
+
+    def checkpoint(step: int) -> None:
+        state = {"step": step, "elapsed_s": before + time.perf_counter() - t0, "log": log_rows}
+        _save_checkpoint(ckpt, model, optim, gen, tokenizer, state | {"spec": asdict(spec)})
+
     model.train()
-    bar = tqdm(range(spec.steps), desc=f"train {name}", disable=not progress, file=sys.stderr)
-    for step in bar:
-        starts = torch.randint(0, len(train_tokens) - spec.seq_len, (spec.batch_size,), generator=gen)
-        batch = torch.stack([train_tokens[s : s + spec.seq_len] for s in starts.tolist()]).to(dev)
-        for group in optim.param_groups:
-            group["lr"] = _lr_at(step, spec)
-        out = model(input_ids=batch, output_router_logits=True)
-        ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
-        aux = per_layer_balance_loss(out.router_logits, adapter.top_k)
-        loss = ce + spec.aux_loss_coef * aux
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
-        aux = out.aux_loss.item() if out.aux_loss is not None else float("nan")
-        row = dict(
-            step=step, loss=round(loss.item(), 5), aux_loss=round(aux, 5), lr=round(_lr_at(step, spec), 7)
-        )
-        row.update(
-            tokens=(step + 1) * spec.batch_size * spec.seq_len, elapsed_s=round(time.perf_counter() - t0, 2)
-        )
-        log_rows.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
-    train_s = time.perf_counter() - t0
+    steps = range(first, spec.steps)
+    bar = tqdm(
+        steps, desc=f"train {name}", initial=first, total=spec.steps, disable=not progress, file=sys.stderr
+    )
+    with signals.deferred() as stop:
+        for step in bar:
+            starts = torch.randint(0, len(train_tokens) - spec.seq_len, (spec.batch_size,), generator=gen)
+            batch = torch.stack([train_tokens[s : s + spec.seq_len] for s in starts.tolist()]).to(dev)
+            for group in optim.param_groups:
+                group["lr"] = _lr_at(step, spec)
+            out = model(input_ids=batch, output_router_logits=True)
+            ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+            aux = per_layer_balance_loss(out.router_logits, adapter.top_k)
+            loss = ce + spec.aux_loss_coef * aux
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            aux = out.aux_loss.item() if out.aux_loss is not None else float("nan")
+            row = dict(
+                step=step, loss=round(loss.item(), 5), aux_loss=round(aux, 5), lr=round(_lr_at(step, spec), 7)
+            )
+            row.update(
+                tokens=(step + 1) * spec.batch_size * spec.seq_len,
+                elapsed_s=round(before + time.perf_counter() - t0, 2),
+            )
+            log_rows.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            if stop.pending() or (step + 1) % CHECKPOINT_EVERY == 0:
+                checkpoint(step + 1)
+            if stop.pending():
+                bar.close()
+                stop.raise_if_pending()
+        bar.close()
+        if first < spec.steps and spec.steps % CHECKPOINT_EVERY:
+            checkpoint(spec.steps)  # an interrupt during the evaluation below resumes after training
+    train_s = before + time.perf_counter() - t0
 
     model.set_experts_implementation("odmoe")
     metrics = evaluate(model, adapter, eval_tokens.to(dev), spec.seq_len, spec.eval_windows)
@@ -316,6 +401,20 @@ def train_embedded(
         "spec": asdict(spec),
         **metrics,
     }
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_model(tmp, final, model, tokenizer, log_rows, summary)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return summary
+
+
+def _write_model(tmp: Path, final: Path, model, tokenizer, log_rows: list[dict], summary: dict) -> None:
+    """Write the trained model into ``tmp`` and rename it to ``final`` (never a half-written model)."""
+    tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     with (tmp / "train_log.csv").open("w", newline="") as f:
@@ -326,4 +425,3 @@ def train_embedded(
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    return summary

@@ -6,13 +6,18 @@ fault in the rendezvous store and exits (a rank whose heartbeat in the store has
 a timeout ahead of the peer that was being waited on, so a stopped worker is named, not the main node
 that waits for it); a watchdog thread in every other rank polls that key (every 0.5 s) and
 exits with the same line, so the whole cluster is gone within the timeout plus a second. A rank that is killed outright is noticed by every rank that receives from it (its
-connection breaks); one that hangs, by the rank waiting on it (the wait times out).
+connection breaks); one that hangs, by the rank waiting on it (the wait times out). A rank blamed for a
+timeout because its heartbeat stopped (a SIGSTOPped or wedged process cannot end itself) is killed by
+the rank that blames it when both run on the same machine (each rank publishes its host and pid), so
+under torchrun it does not linger until the agent's own grace period runs out.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import signal
+import socket
 import sys
 import threading
 import time
@@ -93,6 +98,7 @@ class Node:
                 text = (
                     f"{Layout.name(stale[0])} stopped responding (no heartbeat for {stale[1]:.1f} s; {text})"
                 )
+                self.kill_if_local(stale[0])
         mine = f"{self.name}: {text}"
         try:
             first = self.store.compare_set(self.key("abort"), "", mine).decode()
@@ -102,6 +108,15 @@ class Node:
         line = mine if first == mine else f"{self.name}: stopping because {first}"
         print(f"odmoe: {line}", file=sys.stderr, flush=True)
         os._exit(1)
+
+    def kill_if_local(self, rank: int) -> None:
+        """SIGKILL ``rank`` if it runs on this machine (a stopped process ignores everything else)."""
+        try:
+            host, pid = self.store.get(self.key(f"pid/{rank}")).decode().split()
+            if host == socket.gethostname() and int(pid) != os.getpid():
+                os.kill(int(pid), signal.SIGKILL)
+        except Exception:  # noqa: BLE001 - best effort: the rank may be gone or on another machine
+            pass
 
     HEARTBEAT_S = 1.0
     POLL_S = 0.5  # how often the watchdog looks for another rank's failure
@@ -123,6 +138,8 @@ class Node:
         return (rank, ages[rank]) if ages[rank] > 2.5 * self.HEARTBEAT_S else None
 
     def start_watchdog(self) -> None:
+        self.store.set(self.key(f"pid/{self.rank}"), f"{socket.gethostname()} {os.getpid()}")
+
         def watch() -> None:
             key = self.key("abort")
             beat = 0.0
@@ -189,17 +206,11 @@ def pick_torch_device(spec_device: str, local_rank: int) -> torch.device:
 
 def connect(spec: dict[str, Any], layout: Layout, out_dir: Path | None) -> Node:
     """Join the process group (torchrun-style environment) and build this rank's context."""
-    rank = int(os.environ["RANK"])
-    world = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world != layout.world_size:
-        from odmoe.errors import OdmoeError
+    from odmoe.launch import check_world
 
-        raise OdmoeError(
-            f"{world} processes were started but the layout needs {layout.world_size} "
-            f"(main + shadow + {layout.num_workers} workers); use --nproc-per-node/--nnodes giving "
-            f"{layout.world_size} in all, or system.workers={world - 2}"
-        )
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    check_world(layout)
     torch_device = pick_torch_device(spec.get("device", "cpu"), local_rank)
     backend = "cpu:gloo,cuda:nccl" if torch_device.type == "cuda" else "gloo"
     startup = float(spec["system"].get("startup_timeout_s", 600))
