@@ -120,8 +120,9 @@ def run_rank(spec: dict, out_dir: Path | None) -> None:
     try:
         layout = layout_for(spec)
         node = connect(spec, layout, out_dir)
-    except OdmoeError as e:
-        print(f"odmoe: error: {e}", file=sys.stderr, flush=True)
+    except OdmoeError as e:  # the same on every rank of a machine: its first local rank says it, once
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"odmoe: error: {e}", file=sys.stderr, flush=True)
         os._exit(2)
     node.start_watchdog()
     if out_dir is not None:
@@ -136,6 +137,8 @@ def run_rank(spec: dict, out_dir: Path | None) -> None:
         role = Role(node)
         node.clock.reset()  # every rank's time 0: setup is not the system's time
         node.barrier("ready", float(spec["system"].get("startup_timeout_s", 600)))
+        # from now on a store that stops answering (its machine gone) must not block a rank for longer
+        node.store.set_timeout(datetime.timedelta(seconds=node.timeout))
         role.run()
         node.comm.stopping = True
         node.comm.flush()
@@ -223,9 +226,9 @@ def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -
             if all(c == 0 for c in codes):
                 break
             if failed_at is None and (any(c not in (None, 0) for c in codes) or store.check([abort_key])):
-                failed_at = time.time()
+                failed_at = time.monotonic()
             if failed_at is not None and (
-                all(c is not None for c in codes) or time.time() - failed_at > timeout + 2
+                all(c is not None for c in codes) or time.monotonic() - failed_at > timeout + 2
             ):
                 break
             time.sleep(0.1)
