@@ -5,12 +5,10 @@ One machine (main + shadow + W workers, here W = 8)::
     torchrun --nproc-per-node 10 -m odmoe.launch hardware=cpu-emulated system=odmoe \\
         --prompt-len 16 --output-len 64 --num-prompts 2 --out results/launch/demo
 
-Several machines (the same command on each; ranks are numbered node by node, so put the main node
-and the shadow on the first machine, e.g. 2 + 8 ranks over 5 machines with 2 GPUs each)::
-
-    torchrun --nnodes 5 --nproc-per-node 2 --node-rank R --rdzv-backend c10d \\
-        --rdzv-endpoint HOST0:29500 --rdzv-id odmoe1 -m odmoe.launch \\
-        hardware=rtx3090-testbed system=odmoe model=local model.path=/models/Mixtral-8x7B-v0.1 ...
+Several machines: the tested recipe of docs/runtime.md ("Several machines"): the same torchrun command on
+each machine with ``ODMOE_NODE_RANK`` (ranks are renumbered by machine, then local rank, so the main node
+and the shadow run on machine 0 whatever order torchrun's c10d rendezvous chose), ``--local-addr`` and,
+optionally, ``GLOO_SOCKET_IFNAME`` (by default the interface that reaches the rendezvous store).
 
 Every rank composes the same Hydra configuration from its arguments (``conf/``; ``system`` defaults
 to ``odmoe``). Rank 0, the main node, writes ``requests.jsonl``, ``layers.csv`` (and logits, when
@@ -38,6 +36,7 @@ from typing import Any
 
 from odmoe.errors import OdmoeError
 from odmoe.paths import repo_root
+from odmoe.runtime.net import check_machines_joined
 
 
 class ClusterFailed(RuntimeError):
@@ -277,6 +276,12 @@ def main(argv: list[str] | None = None) -> None:
         "overrides", nargs="*", help="Hydra overrides, e.g. hardware=cpu-emulated system.workers=4"
     )
     args = parser.parse_args(argv)
+    try:  # a machine that never joined: say so before loading anything (once per machine)
+        check_machines_joined()
+    except OdmoeError as e:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"odmoe: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,32 @@ def choose_gloo_interface(master_addr: str, env: dict | None = None) -> str | No
     return chosen
 
 
+def store_address(env: dict | None = None) -> tuple[str, int]:
+    """Where the runtime's store is: ``ODMOE_STORE`` (host:port; the recipe points it at the rendezvous
+    store that machine 0's torchrun agent serves, which outlives the ranks and sits with the main node), else
+    torchrun's ``MASTER_ADDR``/``MASTER_PORT`` (the store of whichever agent torchrun numbered 0)."""
+    env = os.environ if env is None else env
+    given = env.get("ODMOE_STORE")
+    if given:
+        host, _, port = given.rpartition(":")
+        if not host or not port.isdigit():
+            raise OdmoeError(f"ODMOE_STORE={given}: use host:port, e.g. ODMOE_STORE=$HOST0:29500")
+        return host, int(port)
+    return env["MASTER_ADDR"], int(env["MASTER_PORT"])
+
+
+def check_machines_joined(env: dict | None = None) -> None:
+    """``ODMOE_NNODES`` machines were asked for; fewer joined when torchrun's rendezvous window
+    (``--nnodes 1:N``, ``last_call_timeout``) closed without the rest. Said before anything is loaded."""
+    env = os.environ if env is None else env
+    want, got = env.get("ODMOE_NNODES"), env.get("GROUP_WORLD_SIZE")
+    if want and got and int(got) < int(want):
+        raise OdmoeError(
+            f"only {got} of the {want} machines (ODMOE_NNODES) joined the rendezvous before its window closed "
+            "(last_call_timeout); start torchrun on every machine within that window, or lower NNODES"
+        )
+
+
 def check_master_addr(master_addr: str, machines: int) -> None:
     """On several machines the store must be at an address the others can reach, not a loopback one (torchrun
     publishes the host name of its first agent, or ``--local-addr``)."""

@@ -218,16 +218,15 @@ def connect(spec: dict[str, Any], layout: Layout, out_dir: Path | None) -> Node:
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     machines = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
-    master = os.environ["MASTER_ADDR"]
     startup = float(spec["system"].get("startup_timeout_s", 600))
     run_id = spec.get("run_id") or "{}-{}".format(
         os.environ.get("TORCHELASTIC_RUN_ID", "run"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     )
-    net.check_master_addr(master, machines)
-    net.choose_gloo_interface(master)
-    store = dist.TCPStore(
-        master, int(os.environ["MASTER_PORT"]), is_master=False, timeout=datetime.timedelta(seconds=startup)
-    )
+    host, port = net.store_address()
+    if not os.environ.get("ODMOE_STORE"):
+        net.check_master_addr(host, machines)
+    net.choose_gloo_interface(host)
+    store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=startup))
     place = net.place_from_env()
     rank, places = net.layout_rank(store, f"odmoe/{run_id}/place", launched_rank, place, world, startup)
     if world != layout.world_size:
