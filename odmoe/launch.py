@@ -7,8 +7,9 @@ One machine (main + shadow + W workers, here W = 8)::
 
 Several machines: the tested recipe of docs/runtime.md ("Several machines"): the same torchrun command on
 each machine with ``ODMOE_NODE_RANK`` (ranks are renumbered by machine, then local rank, so the main node
-and the shadow run on machine 0 whatever order torchrun's c10d rendezvous chose), ``--local-addr`` and,
-optionally, ``GLOO_SOCKET_IFNAME`` (by default the interface that reaches the rendezvous store).
+and the shadow run on machine 0 whatever order torchrun's c10d rendezvous chose), ``ODMOE_STORE`` (machine
+0's rendezvous store), ``ODMOE_NNODES`` and, optionally, ``GLOO_SOCKET_IFNAME`` (by default the interface
+that reaches the store).
 
 Every rank composes the same Hydra configuration from its arguments (``conf/``; ``system`` defaults
 to ``odmoe``). Rank 0, the main node, writes ``requests.jsonl``, ``layers.csv`` (and logits, when

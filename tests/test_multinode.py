@@ -221,7 +221,6 @@ def machine_env(c: Cluster, i: int, nproc: int, args: str, **common) -> dict[str
     env = {
         "NODE_RANK": str(i),
         "NPROC": str(nproc),
-        "NODE_ADDR": c.addresses[i],
         "NNODES": str(len(c.ns)),
         "HOST0": c.addresses[0],
         "PORT": "29500",
@@ -239,8 +238,9 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
     return [p.poll() for p in procs]
 
 
-# machine 0 holds main + shadow, machines 1 and 2 one worker each; addresses deliberately not in machine
-# order, so torchrun's own numbering (it sorts --local-addr) would put the main node on machine 2
+# machine 0 holds main + shadow, machines 1 and 2 one worker each; addresses not in machine order (torchrun
+# numbers machines by --local-addr when given, else host name then agent pid: machine 0 starting last is
+# numbered last)
 ADDRESSES = [f"{SUBNET}.30", f"{SUBNET}.20", f"{SUBNET}.10"]
 NPROC = [2, 1, 1]
 
@@ -389,3 +389,22 @@ def test_heartbeat_age_is_measured_on_the_observers_clock():
     node._listen()
     stale = node.stale_rank()
     assert stale is not None and stale[0] == 2 and stale[1] > 0.3
+
+
+def test_interface_and_store_checks_say_what_to_set():
+    """Gloo goes on the interface that reaches the store (loopback for a local store); a named interface
+    that does not exist, a loopback store across machines and a missing machine are each one clear error."""
+    from odmoe.errors import OdmoeError
+    from odmoe.runtime import net
+
+    env = {}
+    assert net.choose_gloo_interface("127.0.0.1", env) == "lo" and env["GLOO_SOCKET_IFNAME"] == "lo"
+    with pytest.raises(OdmoeError, match="GLOO_SOCKET_IFNAME=nosuch0: no interface nosuch0"):
+        net.choose_gloo_interface("127.0.0.1", {"GLOO_SOCKET_IFNAME": "nosuch0"})
+    net.check_master_addr("localhost", 1)  # one machine: loopback is right
+    with pytest.raises(OdmoeError, match="loopback address.*ODMOE_STORE"):
+        net.check_master_addr("localhost", 2)
+    assert net.store_address({"ODMOE_STORE": "10.0.0.1:29500", "MASTER_ADDR": "x"}) == ("10.0.0.1", 29500)
+    with pytest.raises(OdmoeError, match="only 2 of the 3 machines"):
+        net.check_machines_joined({"ODMOE_NNODES": "3", "GROUP_WORLD_SIZE": "2"})
+    net.check_machines_joined({"ODMOE_NNODES": "3", "GROUP_WORLD_SIZE": "3"})

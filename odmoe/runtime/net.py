@@ -7,7 +7,7 @@ namespaces (``tests/test_multinode.py``):
   resolves to; on many machines (and in every namespace of one host) that is a loopback address such as
   127.0.1.1, which gloo then advertises to the other machines, and they connect to themselves.
   :func:`choose_gloo_interface` sets it, when unset, to the interface holding the local address the kernel
-  uses to reach the rendezvous store (``MASTER_ADDR``): the cluster network by construction.
+  uses to reach the runtime's store (:func:`store_address`): the cluster network by construction.
 * **rank order.** ``torchrun --rdzv-backend c10d`` ignores ``--node-rank`` and numbers machines by sorting
   their host names (or ``--local-addr``) and agent pids, so "the first machine holds ranks 0 and 1" is not
   guaranteed. :func:`layout_rank` renumbers the processes by (``ODMOE_NODE_RANK``, local rank), so the
@@ -117,8 +117,8 @@ def check_master_addr(master_addr: str, machines: int) -> None:
     if addr.is_loopback:
         raise OdmoeError(
             f"torchrun published the rendezvous store at {master_addr} ({addr}), a loopback address, on a "
-            f"launch over {machines} machines; pass --local-addr <this machine's cluster address> to torchrun "
-            "on every machine"
+            f"launch over {machines} machines; set ODMOE_STORE=<machine 0's address>:<rendezvous port> on every "
+            "machine (docs/runtime.md, Several machines), or pass --local-addr <its cluster address> to torchrun"
         )
 
 
