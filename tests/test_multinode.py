@@ -296,10 +296,12 @@ def test_machine_that_never_joins_ends_the_launch(cluster, tmp_path):
         c.start(i, machine_env(c, i, NPROC[i], _args(tmp_path / f"out{i}", 4), STARTUP_S=startup))
         for i in (0, 1)
     ]
-    codes = wait_all(procs, startup + 60)
+    codes = wait_all(procs, startup + 150)
     took = time.monotonic() - t0
     assert all(code not in (None, 0) for code in codes), codes
-    assert took < startup + 40, took  # the window, then starting Python and torch once
+    assert took < startup + 120, (
+        took
+    )  # a hang guard: the window, then Python and torch start (slow when loaded)
     for i in (0, 1):
         lines = [line for line in c.log(i).splitlines() if line.startswith("odmoe:")]
         assert len(lines) == 1, c.log(i)[-2000:]
