@@ -5,12 +5,11 @@ One machine (main + shadow + W workers, here W = 8)::
     torchrun --nproc-per-node 10 -m odmoe.launch hardware=cpu-emulated system=odmoe \\
         --prompt-len 16 --output-len 64 --num-prompts 2 --out results/launch/demo
 
-Several machines (the same command on each; ranks are numbered node by node, so put the main node
-and the shadow on the first machine, e.g. 2 + 8 ranks over 5 machines with 2 GPUs each)::
-
-    torchrun --nnodes 5 --nproc-per-node 2 --node-rank R --rdzv-backend c10d \\
-        --rdzv-endpoint HOST0:29500 --rdzv-id odmoe1 -m odmoe.launch \\
-        hardware=rtx3090-testbed system=odmoe model=local model.path=/models/Mixtral-8x7B-v0.1 ...
+Several machines: the tested recipe of docs/runtime.md ("Several machines"): the same torchrun command on
+each machine with ``ODMOE_NODE_RANK`` (ranks are renumbered by machine, then local rank, so the main node
+and the shadow run on machine 0 whatever order torchrun's c10d rendezvous chose), ``ODMOE_STORE`` (machine
+0's rendezvous store), ``ODMOE_NNODES`` and, optionally, ``GLOO_SOCKET_IFNAME`` (by default the interface
+that reaches the store).
 
 Every rank composes the same Hydra configuration from its arguments (``conf/``; ``system`` defaults
 to ``odmoe``). Rank 0, the main node, writes ``requests.jsonl``, ``layers.csv`` (and logits, when
@@ -38,6 +37,7 @@ from typing import Any
 
 from odmoe.errors import OdmoeError
 from odmoe.paths import repo_root
+from odmoe.runtime.net import check_machines_joined
 
 
 class ClusterFailed(RuntimeError):
@@ -138,6 +138,8 @@ def run_rank(spec: dict, out_dir: Path | None) -> None:
         role = Role(node)
         node.clock.reset()  # every rank's time 0: setup is not the system's time
         node.barrier("ready", float(spec["system"].get("startup_timeout_s", 600)))
+        # from now on a store that stops answering (its machine gone) must not block a rank for longer
+        node.store.set_timeout(datetime.timedelta(seconds=node.timeout))
         role.run()
         node.comm.stopping = True
         node.comm.flush()
@@ -161,11 +163,13 @@ def check_world(layout) -> None:
 
 
 def _bad_input(error: OdmoeError) -> None:
-    """Every rank sees the same bad input; only rank 0 says so (one line, not one per rank); exit 2.
+    """Every rank sees the same bad input; only each machine's first local rank says so (one line per
+    machine, not one per rank); exit 2.
 
-    The other ranks wait (up to 60 s) in the launcher's store until rank 0 has spoken: exiting first would
-    make torchrun's agent terminate rank 0 before its line is out."""
-    key = f"odmoe/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/bad_input"
+    The other ranks wait (up to 60 s) in the launcher's store until their machine's line is out: exiting
+    first would make torchrun's agent terminate that rank before its line is out."""
+    machine = os.environ.get("GROUP_RANK", "0")
+    key = f"odmoe/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/bad_input/{machine}"
     store = None
     try:
         import torch.distributed as dist
@@ -178,7 +182,7 @@ def _bad_input(error: OdmoeError) -> None:
         )
     except Exception:  # noqa: BLE001 - no launcher store: nobody to wait for
         store = None
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"odmoe: error: {error}", file=sys.stderr, flush=True)
         if store is not None:
             store.set(key, "said")
@@ -278,13 +282,13 @@ def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -
             if all(c == 0 for c in codes):
                 break
             if failed_at is None and (any(c not in (None, 0) for c in codes) or store.check([abort_key])):
-                failed_at = time.time()
+                failed_at = time.monotonic()
             if failed_at is not None:
                 for p, c in zip(procs, codes, strict=True):
                     if c is None and _stopped(p.pid):
                         p.kill()
             if failed_at is not None and (
-                all(c is not None for c in codes) or time.time() - failed_at > timeout + 2
+                all(c is not None for c in codes) or time.monotonic() - failed_at > timeout + 2
             ):
                 break
             time.sleep(0.1)
@@ -338,6 +342,12 @@ def main(argv: list[str] | None = None) -> None:
         "overrides", nargs="*", help="Hydra overrides, e.g. hardware=cpu-emulated system.workers=4"
     )
     args = parser.parse_args(argv)
+    try:  # a machine that never joined: say so before loading anything (once per machine)
+        check_machines_joined()
+    except OdmoeError as e:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"odmoe: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

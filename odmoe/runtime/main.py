@@ -18,9 +18,18 @@ emulated profile):
   ``t_worker`` = outputs(l) - gate(l): network out, expert compute, network back, and any stall;
   ``stall``   = the largest wait of the group's workers for their expert after the hidden state
                arrived (reported by the workers).
+  ``net_round_trip`` = the slowest position's two network hops (hidden state out, output back).
 The zero-stall bound of a request's decode is the clock's own bound timeline (the same compute and
 messages, copies free): a true critical path, not ``decode - stalls``. Under ``timing=wall`` it is not
 tracked (NaN).
+
+Clocks of different machines are never compared. On a virtual clock every rank's time is on one emulated
+timeline (messages carry it), so one-way hops (``net_in``, ``net_out``) and the shadow's lead come from
+virtual send and delivery times. Under ``timing=wall`` each quantity is a local duration: ``t_main``,
+``t_worker`` on this node's ``perf_counter``; ``stall`` and ``compute`` on the worker's; the round trip is this
+node's send -> output received minus how long the worker held the hidden state (its own ``perf_counter``);
+one-way hops are NaN (they would need synchronized clocks); the lead is judged at each gate from the newest
+prediction that had physically reached this node.
 
 On a virtual clock the prediction the gate uses is the newest one *delivered* by the gate's time; the main
 node blocks until the shadow's message physically exists to decide that (``messages.prediction``).
@@ -29,6 +38,7 @@ node blocks until the shadow's message physically exists to decide that (``messa
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +56,7 @@ from odmoe.runtime import memory, prefill
 from odmoe.runtime.kv import cache_bytes, pack_rows
 from odmoe.runtime.layout import SHADOW, Layout, resolve
 from odmoe.runtime.messages import Kind, key_of, predictions, settled_version
-from odmoe.runtime.node import Node, tick
+from odmoe.runtime.node import JOB_STRIDE, Node, tick
 from odmoe.runtime.shadow import request_alignment, speculative
 from odmoe.trace import check_length, forward_step
 
@@ -131,15 +141,29 @@ class MainNode:
             mb.retire(Kind.SETTLED, n)
         return usable[-1].ints[1 : 1 + self.layout.top_k] if usable else None
 
+    def _seen_lead(self, req: Request, layer: int, seen: tuple[int, int]) -> int:
+        """Wall clock: how many MoE layers ahead the shadow was at this gate, judged by the newest prediction
+        that had physically reached this node (``seen``: (tick, layer)); -1 - index when none of this request
+        had. Decided here, on this node, so no time taken on the shadow's machine is compared with ours."""
+        lm = len(self.layout.moe_layers)
+        index = (req.n - 1) * lm + self.layout.slot_of(layer)
+        tick_seen, layer_seen = seen
+        if tick_seen < 0 or tick_seen // JOB_STRIDE != req.job:
+            return -1 - index
+        return (tick_seen % JOB_STRIDE - 1) * lm + self.layout.slot_of(layer_seen) - index
+
     def _decode_layer(self, req: Request, layer: int, hidden, top_k_index, top_k_weights) -> torch.Tensor:
         comm, mb, clock = self.node.comm, self.node.comm.mailbox, self.node.clock
         n = tick(req.job, req.n)
         t_gate = clock.now()
+        seen = comm.newest_prediction  # wall: the shadow's progress as this node sees it (a local fact)
         true = top_k_index[0].tolist()
         predicted = self._prediction(n, layer, t_gate)
         assign = resolve(predicted, true)
         x = hidden.detach()
+        sent_at = {}  # wall: this process's perf_counter when each worker's hidden state left
         for w in self.layout.group_workers(layer):
+            sent_at[Layout.worker_rank(w)] = time.perf_counter()
             comm.send(Layout.worker_rank(w), Kind.HIDDEN, n, layer, assign, x)
         if self.pricer is not None:
             clock.charge(self.pricer.shared())
@@ -169,30 +193,37 @@ class MainNode:
                 torch.zeros(1, dtype=torch.long, device=hidden.device),
                 (y * top_k_weights[0:1, pos, None]).to(out.dtype),
             )
-        # position, hit, predicted, reload, stall_ns, compute_ns, net_in_ns, load_lead_ns
-        stats = np.array([m.ints[1:9] for m in outs])
-        back = max(m.arrive - m.sent for m in outs) if clock.virtual else np.nan
-        req.rows.append(
-            {
-                "n": req.n,
-                "layer": layer,
-                "t_gate": t_gate,
-                "t_main": t_gate - req.prev,
-                "t_worker": t_out - t_gate,
-                "stall": stats[:, 4].max() / 1e9,
-                "compute": stats[:, 5].max() / 1e9,
-                "net_in": stats[:, 6].max() / 1e9,
-                "net_out": back,
-                "load_lead": stats[:, 7].min() / 1e9,
-                "predicted": int(predicted is not None),
-                "mispredicted": 0
-                if predicted is None
-                else sum(p != a for p, a in zip(predicted, assign, strict=True)),
-                "loaded_from_prediction": int(stats[:, 2].sum()),
-                "reloads": int(stats[:, 3].sum()),
-                "hits": int(stats[:, 1].sum()),
-            }
-        )
+        # position, hit, predicted, reload, stall_ns, compute_ns, net_in_ns, load_lead_ns, held_ns
+        stats = np.array([m.ints[1:10] for m in outs])
+        if clock.virtual:  # one-way times: the sender's virtual send and delivery times
+            net_in, back = stats[:, 6].max() / 1e9, max(m.arrive - m.sent for m in outs)
+            round_trip = max(m.ints[7] / 1e9 + m.arrive - m.sent for m in outs)
+        else:  # wall: only local durations (module docstring); one-way times would need synchronized clocks
+            net_in = back = np.nan
+            round_trip = max(m.seen - sent_at[m.src] - m.ints[9] / 1e9 for m in outs)
+        row = {
+            "n": req.n,
+            "layer": layer,
+            "t_gate": t_gate,
+            "t_main": t_gate - req.prev,
+            "t_worker": t_out - t_gate,
+            "stall": stats[:, 4].max() / 1e9,
+            "compute": stats[:, 5].max() / 1e9,
+            "net_in": net_in,
+            "net_out": back,
+            "net_round_trip": round_trip,
+            "load_lead": stats[:, 7].min() / 1e9,
+            "predicted": int(predicted is not None),
+            "mispredicted": 0
+            if predicted is None
+            else sum(p != a for p, a in zip(predicted, assign, strict=True)),
+            "loaded_from_prediction": int(stats[:, 2].sum()),
+            "reloads": int(stats[:, 3].sum()),
+            "hits": int(stats[:, 1].sum()),
+        }
+        if not clock.virtual and self.predicts:
+            row["lead"] = self._seen_lead(req, layer, seen)
+        req.rows.append(row)
         req.prev = t_out
         return out
 
@@ -392,19 +423,24 @@ def _lead(df: pd.DataFrame, log: torch.Tensor | None, lm: int) -> dict:
     Sequence index of (n, slot) = (n - 1) * Lm + slot. At each main gate time, the shadow's progress is
     the largest index it had emitted by then; lead = progress - index (negative: behind).
     """
-    if log is None or len(log) == 0 or not len(df):
+    if "lead" in df:  # timing=wall: decided at each gate from what had reached the main node
+        lead = df["lead"].to_numpy().astype(int)
+    else:  # a virtual clock: one timeline across ranks, so the shadow's emission times compare with gates
+        if log is None or len(log) == 0 or not len(df):
+            return {}
+        log = log.numpy()
+        order = np.argsort(log[:, 2])
+        seq = (log[order, 0] - 1) * lm + log[order, 1]
+        times = log[order, 2]
+        progress = np.maximum.accumulate(seq)
+        layer_slot = {layer: s for s, layer in enumerate(sorted(df["layer"].unique()))}
+        idx = (df["n"].to_numpy() - 1) * lm + df["layer"].map(layer_slot).to_numpy()
+        pos = np.searchsorted(times, df["t_gate"].to_numpy(), side="right") - 1
+        prog = np.where(pos >= 0, progress[np.clip(pos, 0, None)], -1)
+        lead = (prog - idx).astype(int)
+        df["lead"] = lead
+    if not len(lead):
         return {}
-    log = log.numpy()
-    order = np.argsort(log[:, 2])
-    seq = (log[order, 0] - 1) * lm + log[order, 1]
-    times = log[order, 2]
-    progress = np.maximum.accumulate(seq)
-    layer_slot = {layer: s for s, layer in enumerate(sorted(df["layer"].unique()))}
-    idx = (df["n"].to_numpy() - 1) * lm + df["layer"].map(layer_slot).to_numpy()
-    pos = np.searchsorted(times, df["t_gate"].to_numpy(), side="right") - 1
-    prog = np.where(pos >= 0, progress[np.clip(pos, 0, None)], -1)
-    lead = (prog - idx).astype(int)
-    df["lead"] = lead
     values, counts = np.unique(np.clip(lead, -lm, 2 * lm), return_counts=True)
     return {
         "mean": float(lead.mean()),

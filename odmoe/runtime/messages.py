@@ -77,9 +77,10 @@ class Message:
     layer: int
     ints: list[int]
     tensor: torch.Tensor | None
-    sent: float  # the sender's clock at send
+    sent: float  # the sender's clock at send (on a virtual clock; never compared across ranks under wall)
     arrive: float  # virtual delivery time (0 under timing=wall)
     arrive_bound: float  # delivery on the zero-stall bound's timeline
+    seen: float = 0.0  # time.perf_counter() of the receiving process when the bytes came (local only)
 
     @property
     def key(self) -> tuple:
@@ -314,6 +315,7 @@ class Comm:
         self.costs = costs
         self.mailbox = Mailbox(timeout)
         self.stopping = False
+        self.newest_prediction = (-1, -1)  # the latest (n, layer) whose prediction physically came here
         self.bytes_sent = 0
         self.messages_sent = 0
         self._send_lock = threading.Lock()
@@ -433,8 +435,11 @@ class Comm:
                         )
                     )
                     return
+                msg.seen = time.perf_counter()
                 if msg.kind == Kind.STOP:
                     self.stopping = True
+                elif msg.kind == Kind.PREDICT:
+                    self.newest_prediction = max(self.newest_prediction, (msg.n, msg.layer))
                 self.mailbox.put(msg)
         except _Broken as e:
             if not self.stopping:

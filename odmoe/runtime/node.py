@@ -60,6 +60,9 @@ class Node:
     clock: Clock
     costs: ModelCosts | None  # timing=modelled: the cost model that prices compute and bytes
     stats: dict[str, Any] = field(default_factory=dict)
+    _heard: dict[int, tuple[bytes, float]] = field(
+        default_factory=dict, repr=False
+    )  # rank -> (beat, seen at)
 
     def pricer(self, num_layers: int, kind: str) -> Pricer | None:
         """Charges modelled compute per layer (None unless ``timing=modelled``)."""
@@ -120,35 +123,48 @@ class Node:
 
     HEARTBEAT_S = 1.0
     POLL_S = 0.5  # how often the watchdog looks for another rank's failure
+    STALE_S = 2.5  # a heartbeat counter that has not moved for this long (observer's clock) is stale
 
     def stale_rank(self) -> tuple[int, float] | None:
-        """The rank whose watchdog heartbeat is oldest, if it is older than a few heartbeats."""
-        try:
-            t = time.time()
-            ages = {
-                r: t - float(self.store.get(self.key(f"hb/{r}")).decode())
-                for r in range(self.layout.world_size)
-                if r != self.rank and self.store.check([self.key(f"hb/{r}")])
-            }
-        except Exception:
-            return None
+        """The rank whose heartbeat counter has gone longest without moving, if that is over ``STALE_S``.
+
+        Heartbeats are counters, not timestamps, and their age is measured on this rank's own monotonic
+        clock (when this rank's watchdog last saw each counter change): a ``time.time()`` written on one
+        machine and compared with another machine's would measure the clocks' offset, not the heartbeat's
+        age (docs/runtime.md, "Clocks across machines").
+        """
+        now = time.monotonic()
+        ages = {r: now - changed for r, (_, changed) in dict(self._heard).items()}
         if not ages:
             return None
         rank = max(ages, key=ages.get)
-        return (rank, ages[rank]) if ages[rank] > 2.5 * self.HEARTBEAT_S else None
+        return (rank, ages[rank]) if ages[rank] > self.STALE_S else None
+
+    def _listen(self) -> None:
+        """Note the local time at which each other rank's heartbeat counter last changed."""
+        keys = {r: self.key(f"hb/{r}") for r in range(self.layout.world_size) if r != self.rank}
+        present = [r for r in keys if r in self._heard or self.store.check([keys[r]])]
+        if not present:
+            return
+        values = self.store.multi_get([keys[r] for r in present])
+        now = time.monotonic()
+        for r, value in zip(present, values, strict=True):
+            if r not in self._heard or self._heard[r][0] != value:
+                self._heard[r] = (value, now)
 
     def start_watchdog(self) -> None:
         self.store.set(self.key(f"pid/{self.rank}"), f"{socket.gethostname()} {os.getpid()}")
 
         def watch() -> None:
             key = self.key("abort")
-            beat = 0.0
+            beats, beat = 0, 0.0
             while True:
                 time.sleep(self.POLL_S)
                 try:
-                    if time.time() - beat >= self.HEARTBEAT_S:
-                        beat = time.time()
-                        self.store.set(self.key(f"hb/{self.rank}"), str(beat))
+                    if time.monotonic() - beat >= self.HEARTBEAT_S:
+                        beat, beats = time.monotonic(), beats + 1
+                        self.store.set(self.key(f"hb/{self.rank}"), str(beats))
+                        self._listen()
                     if self.store.check([key]):
                         first = self.store.get(key).decode()
                         print(f"odmoe: {self.name}: stopping because {first}", file=sys.stderr, flush=True)
@@ -169,10 +185,10 @@ class Node:
         """All ranks reach ``name`` (store counter), or fail naming how many did not."""
         key = self.key(f"barrier/{name}")
         self.store.add(key, 1)
-        deadline = time.time() + timeout
+        deadline = time.monotonic() + timeout
         world = self.layout.world_size
         while (count := self.store.add(key, 0)) < world:
-            if time.time() > deadline:
+            if time.monotonic() > deadline:
                 raise TimeoutError(f"only {count} of {world} ranks reached '{name}' within {timeout:g} s")
             time.sleep(0.05)
 
@@ -205,23 +221,55 @@ def pick_torch_device(spec_device: str, local_rank: int) -> torch.device:
 
 
 def connect(spec: dict[str, Any], layout: Layout, out_dir: Path | None) -> Node:
-    """Join the process group (torchrun-style environment) and build this rank's context."""
-    from odmoe.launch import check_world
+    """Join the process group (torchrun-style environment) and build this rank's context.
 
-    rank = int(os.environ["RANK"])
+    Before the process group exists, every process publishes its place (machine, local rank) in the
+    rendezvous store and the ranks are renumbered in that order (:func:`odmoe.runtime.net.layout_rank`), gloo
+    is pointed at the cluster network (:func:`odmoe.runtime.net.choose_gloo_interface`), and a process count
+    that does not fit the layout (a machine that never joined) is refused with one line naming the machines
+    that did join."""
+    from odmoe.errors import OdmoeError
+    from odmoe.runtime import net
+
+    launched_rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    check_world(layout)
+    machines = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    startup = float(spec["system"].get("startup_timeout_s", 600))
+    run_id = spec.get("run_id") or "{}-{}".format(
+        os.environ.get("TORCHELASTIC_RUN_ID", "run"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    )
+    host, port = net.store_address()
+    if not os.environ.get("ODMOE_STORE"):
+        net.check_master_addr(host, machines)
+    net.choose_gloo_interface(host)
+    store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=startup))
+    place = net.place_from_env()
+    rank, places = net.layout_rank(store, f"odmoe/{run_id}/place", launched_rank, place, world, startup)
+    if world != layout.world_size:
+        nodes = sorted({node for node, _ in places})
+        joined = (
+            f" on machines {', '.join(map(str, nodes))} (a machine that never joined the rendezvous is missing)"
+            if machines > 1 or len(nodes) > 1
+            else ""
+        )
+        workers = (world - 2) // layout.group_size * layout.group_size
+        fits = f", or use system.workers={workers}" if workers > 0 else ""
+        raise OdmoeError(
+            f"{world} processes were started{joined} but the layout needs {layout.world_size} "
+            f"(main + shadow + {layout.num_workers} workers); start every machine with --nproc-per-node giving "
+            f"{layout.world_size} in all{fits}"
+        )
     torch_device = pick_torch_device(spec.get("device", "cpu"), local_rank)
     backend = "cpu:gloo,cuda:nccl" if torch_device.type == "cuda" else "gloo"
-    startup = float(spec["system"].get("startup_timeout_s", 600))
     # The process-group timeout is long on purpose: receive threads wait for the next message for as long
-    # as a run lasts; liveness is the watchdog's job (system.timeout_s).
-    dist.init_process_group(backend, timeout=datetime.timedelta(days=1))
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        is_master=False,
-        timeout=datetime.timedelta(seconds=startup),
+    # as a run lasts; liveness is the watchdog's job (system.timeout_s). Every rank is known to be here.
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"odmoe/{run_id}/pg", store),
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(days=1),
     )
     profile = profile_from_config(spec["hardware"])
     role = Layout.role(rank)
@@ -235,7 +283,6 @@ def connect(spec: dict[str, Any], layout: Layout, out_dir: Path | None) -> Node:
     # every worker sends its expert outputs to the main node: only its inbound port is contended
     ports = (device.port, device.port_bound) if device.emulated and rank == MAIN else None
     comm = Comm(rank, peers(rank, layout), clock, nics, costs, timeout, ports)
-    run_id = spec.get("run_id") or os.environ.get("TORCHELASTIC_RUN_ID", "run")
     return Node(
         spec, rank, layout, profile, torch_device, device, comm, store, out_dir, timeout, run_id, clock, costs
     )

@@ -212,6 +212,9 @@ class WorkerNode:
         lead = hidden.arrive - job.issued if clock.virtual else 0.0  # the copy's head start (Eq. 1's slack)
         ints = [job.expert, job.position, hit, int(job.from_prediction), reload]
         ints += [_ns(stall), _ns(compute), _ns(net_in), _ns(lead)]
+        # wall: how long the hidden state was here before its output left, on this process's own clock; the
+        # main node subtracts it from its own round trip, so network time needs no clock shared across machines
+        ints.append(0 if clock.virtual else _ns(time.perf_counter() - hidden.seen))
         self.node.comm.send(MAIN, Kind.OUTPUT, job.n, job.layer, ints, y)
         return stall, reload
 
