@@ -252,6 +252,26 @@ class LearnedSchema:
 
 
 @dataclass
+class PreattnSchema:  # arXiv 2511.10676 (odmoe/predict/recent.py)
+    hidden: int = _f(32, minimum=1)
+    steps: int = _f(300, minimum=0)
+    batch: int = _f(256, minimum=1)
+    lr: float = _f(0.003, minimum=0)
+
+
+@dataclass
+class MoeBeyondSchema:  # arXiv 2508.17137 (odmoe/predict/recent.py)
+    d_model: int = _f(32, minimum=1)
+    heads: int = _f(4, minimum=1)
+    layers: int = _f(2, minimum=1)
+    ff: int = _f(64, minimum=1)
+    context: int = _f(16, minimum=1)
+    steps: int = _f(1000, minimum=0)
+    batch: int = _f(32, minimum=1)
+    lr: float = _f(0.003, minimum=0)
+
+
+@dataclass
 class CacheSchema:
     capacities: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])
     distance: int = _f(1, minimum=1)
@@ -273,6 +293,9 @@ class PredictorsExp:
     sep_precisions: list[str] = _f(choices=PRECISIONS, factory=lambda: ["fp16", "int8", "nf4"])
     int8_threshold: float = _f(6.0, minimum=0)
     learned: LearnedSchema = field(default_factory=LearnedSchema)
+    extra_predictors: list[Any] = field(default_factory=list)  # plugins: checked by odmoe/plugins.py
+    preattn: PreattnSchema = field(default_factory=PreattnSchema)
+    moe_beyond: MoeBeyondSchema = field(default_factory=MoeBeyondSchema)
     eam_capacity: int | None = _f(None, minimum=1)
     cache: CacheSchema = field(default_factory=CacheSchema)
     batch_prompts: int = _f(32, minimum=1)
@@ -533,6 +556,8 @@ def check_node(node: Any, schema: type, prefix: str) -> None:
 def check_system(system: Any, prefix: str = "system") -> None:
     """A system config (``conf/system/<name>.yaml`` plus overrides), including its alignment mode."""
     name = system.get("name") if system is not None else None
+    if system is not None and "policy" in system:  # a user's policy: odmoe/plugins.py checks it
+        return
     if name not in SYSTEMS:
         raise OdmoeError(f"unknown system {name!r}; choose one of: {', '.join(SYSTEMS)}")
     check_node(system, SYSTEMS[name], prefix)
