@@ -252,14 +252,6 @@ class LearnedSchema:
 
 
 @dataclass
-class PreattnSchema:  # arXiv 2511.10676 (odmoe/predict/recent.py)
-    hidden: int = _f(32, minimum=1)
-    steps: int = _f(300, minimum=0)
-    batch: int = _f(256, minimum=1)
-    lr: float = _f(0.003, minimum=0)
-
-
-@dataclass
 class MoeBeyondSchema:  # arXiv 2508.17137 (odmoe/predict/recent.py)
     d_model: int = _f(32, minimum=1)
     heads: int = _f(4, minimum=1)
@@ -294,7 +286,7 @@ class PredictorsExp:
     int8_threshold: float = _f(6.0, minimum=0)
     learned: LearnedSchema = field(default_factory=LearnedSchema)
     extra_predictors: list[Any] = field(default_factory=list)  # plugins: checked by odmoe/plugins.py
-    preattn: PreattnSchema = field(default_factory=PreattnSchema)
+    preattn: LearnedSchema = field(default_factory=LearnedSchema)  # arXiv 2511.10676: the same knobs
     moe_beyond: MoeBeyondSchema = field(default_factory=MoeBeyondSchema)
     eam_capacity: int | None = _f(None, minimum=1)
     cache: CacheSchema = field(default_factory=CacheSchema)
