@@ -1,15 +1,16 @@
 """What every rank of an OD-MoE cluster shares: its spec, layout, device, messages and failure handling.
 
-A rank fails *loudly and once*: the first rank that sees a problem (an exception, a broken
-connection to a peer, a wait longer than ``system.timeout_s``) publishes one line naming the rank at
-fault in the rendezvous store and exits (a rank whose heartbeat in the store has stopped is blamed for
-a timeout ahead of the peer that was being waited on, so a stopped worker is named, not the main node
-that waits for it); a watchdog thread in every other rank polls that key (every 0.5 s) and
-exits with the same line, so the whole cluster is gone within the timeout plus a second. A rank that is killed outright is noticed by every rank that receives from it (its
-connection breaks); one that hangs, by the rank waiting on it (the wait times out). A rank blamed for a
-timeout because its heartbeat stopped (a SIGSTOPped or wedged process cannot end itself) is killed by
-the rank that blames it when both run on the same machine (each rank publishes its host and pid), so
-under torchrun it does not linger until the agent's own grace period runs out.
+A rank fails *loudly and once*: the first rank that sees a problem (an exception, a broken connection to
+a peer, a wait longer than ``system.timeout_s``) publishes one line naming the rank at fault in the
+rendezvous store and exits (a rank whose heartbeat in the store has stopped is blamed for a timeout ahead
+of the peer that was being waited on, so a stopped worker is named, not the main node that waits for it;
+a rank whose wait times out gives the heartbeats a few seconds to go stale first); a watchdog thread in
+every other rank polls that key (every 0.5 s) and exits with the same line, so the whole cluster is gone
+within the timeout plus about five seconds. A rank that is killed outright is noticed by every rank that receives
+from it (its connection breaks); one that hangs, by the rank waiting on it (the wait times out). A rank
+blamed for a timeout because its heartbeat stopped (a SIGSTOPped or wedged process cannot end itself) is
+killed by the rank that blames it when both run on the same machine (each rank publishes its host and
+pid), so under torchrun it does not linger until the agent's own grace period runs out.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class Node:
         ):
             text = str(error)
         if isinstance(error, TimeoutError):  # a wait timed out: blame a rank that stopped running, if any
-            stale = self.stale_rank()
+            stale = self.await_stale_rank()
             if stale is not None:
                 text = (
                     f"{Layout.name(stale[0])} stopped responding (no heartbeat for {stale[1]:.1f} s; {text})"
@@ -139,6 +140,24 @@ class Node:
             return None
         rank = max(ages, key=ages.get)
         return (rank, ages[rank]) if ages[rank] > self.STALE_S else None
+
+    def await_stale_rank(self) -> tuple[int, float] | None:
+        """``stale_rank``, waiting up to ``STALE_S + HEARTBEAT_S`` for one to appear.
+
+        A wait can time out before the rank that caused it looks stale: the shadow, which runs ahead,
+        starts waiting on the main node before a worker is stopped, so when its wait times out the
+        worker's counter may have stood still for less than ``STALE_S``. Waiting a little longer names
+        the stopped rank instead of the live one that was waiting on it; the wait ends early once another
+        rank has published its failure (this rank's watchdog then exits with that line).
+        """
+        deadline = time.monotonic() + self.STALE_S + self.HEARTBEAT_S
+        while (stale := self.stale_rank()) is None and time.monotonic() < deadline:
+            time.sleep(self.POLL_S)
+            try:
+                self._listen()
+            except Exception:  # noqa: BLE001 - the store is gone: blame the peer that was waited on
+                return None
+        return stale
 
     def _listen(self) -> None:
         """Note the local time at which each other rank's heartbeat counter last changed."""
