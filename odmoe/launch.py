@@ -2,7 +2,7 @@
 
 One machine (main + shadow + W workers, here W = 8)::
 
-    torchrun --nproc-per-node 10 -m odmoe.launch hardware=cpu-emulated system=odmoe \\
+    python -m odmoe.torchrun --nproc-per-node 10 -m odmoe.launch hardware=cpu-emulated system=odmoe \\
         --prompt-len 16 --output-len 64 --num-prompts 2 --out results/launch/demo
 
 Several machines: the tested recipe of docs/runtime.md ("Several machines"): the same torchrun command on
