@@ -24,13 +24,14 @@ rank: ``t_s``, ``rank``, ``role``, ``pid``, ``rss_bytes``, ``tokens_done``, ``re
 logs), ``meta.json`` (arguments, spec, git commit, package versions, machine, load average) and, last and
 only on success, ``summary.json``.
 
-Verdict (``summary.json``; docs/runtime.md#soak). Growth after warm-up, per rank: the median, over the last
-request's samples, of its RSS minus the previous request's RSS at the same token of the request
-(:func:`matched_growth`). What a request legitimately holds until it ends (its KV cache, the main node's
-per-layer records) cancels; whatever the runtime keeps from one request to the next remains, so a leak of
-x bytes a token shows as ~667 x. A rank is *flat* when that is at most ``--threshold-mib`` (default 2 MiB,
-~3 KiB a token: one leaked KV row of the main node per token, 6 KiB on tiny-mixtral, or a few leaked runtime
-messages per token would exceed it; page-level allocator noise on unchanged work stays far below). The
+Verdict (``summary.json``; docs/runtime.md#soak). Growth after warm-up, per rank: the peak RSS over the last
+request minus the peak over the request before it (the first request is the warm-up). A process whose
+allocator keeps what it freed climbs to its high-water mark while warming up and stays there; what a request
+legitimately holds until it ends (its KV cache, the main node's per-layer records) is the same in every
+request, so the peaks match; whatever the runtime keeps from one request to the next raises each peak by that
+much: a leak of x bytes a token shows as ~667 x. A rank is *flat* when the growth is at most
+``--threshold-mib`` (default 2 MiB, ~3 KiB a token: one leaked KV row of the main node per token, 6 KiB on
+tiny-mixtral, or a few leaked runtime messages per token would exceed it). The
 mailboxes are checked exactly, in messages: the main node's messages left after the last request must not
 exceed those after the first, and no node's decode peak may exceed its earlier requests' by more than
 ``MAILBOX_SLACK`` (arrival-order jitter; a leak adds one per leaked message, hundreds a request). The
@@ -157,31 +158,6 @@ def _at(frame: pd.DataFrame, tokens: int) -> pd.Series | None:
     return after.iloc[0] if len(after) else None
 
 
-def matched_growth(frame: pd.DataFrame, output_lens: list[int], tolerance: int = 5) -> tuple[int | None, int]:
-    """Median over the last request's samples of RSS minus the previous request's RSS at the same token of
-    the request (nearest sample within ``tolerance`` tokens), and how many samples were matched.
-
-    The two requests do the same work (same prompt, greedy), so what one request legitimately holds until
-    it ends (KV cache, per-layer records) cancels, and what the runtime keeps from one request to the next
-    remains: a leak of x bytes a token shows as about x times the request's length."""
-    starts = [sum(output_lens[:i]) for i in range(len(output_lens))]
-    last = len(output_lens) - 1
-    if last < 1:
-        return None, 0
-    sides = []
-    for r in (last - 1, last):
-        side = frame[frame["request"] == r].assign(position=lambda f, r=r: f["tokens_done"] - starts[r])
-        sides.append(side.sort_values("position")[["position", "rss_bytes"]])
-    if not len(sides[0]) or not len(sides[1]):
-        return None, 0
-    pairs = pd.merge_asof(
-        sides[1], sides[0], on="position", direction="nearest", tolerance=tolerance, suffixes=("", "_prev")
-    ).dropna()
-    if not len(pairs):
-        return None, 0
-    return int((pairs["rss_bytes"] - pairs["rss_bytes_prev"]).median()), int(len(pairs))
-
-
 def summarize(
     samples: pd.DataFrame,
     output_lens: list[int],
@@ -189,8 +165,9 @@ def summarize(
     threshold_bytes: int = 2 * MIB,
     requests: list[dict] | None = None,
 ) -> dict:
-    """Per rank: RSS at ~``at_tokens`` and at the end, each request's peak, the growth after warm-up
-    (:func:`matched_growth`) and whether it stays within ``threshold_bytes``; the mailboxes."""
+    """Per rank: RSS at ~``at_tokens`` and at the end, each request's peak RSS, the growth after warm-up
+    (the last request's peak minus the one before) and whether it stays within ``threshold_bytes``; the
+    mailboxes."""
     ranks = {}
     last = len(output_lens) - 1
     for rank, frame in samples.sort_values("t_s").groupby("rank"):
@@ -198,7 +175,9 @@ def summarize(
         # the request the main node was serving (prefill to its summary), as its progress file said;
         # samples before its first write (loading the model, joining) have request -1 and count in none
         peaks = frame[frame["request"] >= 0].groupby("request")["rss_bytes"].max()
-        growth, matched = matched_growth(frame, output_lens)
+        growth = (
+            int(peaks[last] - peaks[last - 1]) if last >= 1 and {last - 1, last} <= set(peaks.index) else None
+        )
         ranks[str(rank)] = {
             "role": str(frame["role"].iloc[0]),
             "samples": int(len(frame)),
@@ -209,7 +188,6 @@ def summarize(
             "rss_end_minus_start": int(end["rss_bytes"] - at["rss_bytes"]) if at is not None else None,
             "peak_rss_by_request": [int(peaks[i]) if i in peaks else None for i in range(last + 1)],
             "growth_after_warmup": growth,
-            "matched_samples": matched,
             "flat": growth is not None and growth <= threshold_bytes,
         }
     out: dict = {
