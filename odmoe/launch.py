@@ -228,7 +228,7 @@ def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = [p.name for pattern in ("logits-*.npy", "rank*.pid") for p in out_dir.glob(pattern)]
-    for old in ["requests.jsonl", "layers.csv", "failure.txt", "status", *stale]:
+    for old in ["requests.jsonl", "layers.csv", "failure.txt", "status", "progress", *stale]:
         (out_dir / old).unlink(missing_ok=True)
     spec = dict(spec, run_id=uuid.uuid4().hex[:12])
     (out_dir / "spec.json").write_text(json.dumps(spec))

@@ -38,6 +38,7 @@ node blocks until the shadow's message physically exists to decide that (``messa
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,8 @@ class MainNode:
         shadow = node.system.get("shadow", {})
         self.predicts = shadow.get("predictor", "sep") != "none"
         self.speculative = False
+        self.tokens_done = 0  # tokens generated in this cluster, all requests (the ``progress`` file)
+        self.progress_at = 0.0  # perf_counter of the last ``progress`` write
 
     # ---- the hook ----------------------------------------------------------------------------
     def _hook(self, layer: int):
@@ -256,6 +259,7 @@ class MainNode:
         collect = bool(self.node.spec.get("collect_logits", False))
         req = Request(i, context=P)
         self.req = req
+        self._progress(i, force=True)
         self.alignment = request_alignment(self.node, job)
         self.minibatches = int(job.get("prefill_minibatches", self.node.system.get("prefill_minibatches", 4)))
         if self.minibatches < 1:
@@ -286,6 +290,7 @@ class MainNode:
         self.node.device.reset_peak()
         mb.reset_peak()  # the mailbox's decode peak: prefill outputs come in bulk
         tokens = [token]
+        self.tokens_done += 1
         self.last_aligned = 0
         self._send_done(req, cache, 0, token, P)
         iterations = []
@@ -307,6 +312,9 @@ class MainNode:
             self._send_done(req, cache, n, token, P)
             t_end = clock.now()
             iterations.append((n, t_it, req.prev, t_end))
+            self.tokens_done += 1
+            self._progress(i)
+        self._progress(i, force=True)
         t_last, b_last = clock.now(), clock.bound()
         bound = b_last - b_first if clock.virtual else float("nan")
         decode_peak = self.node.device.peak_bytes()
@@ -332,6 +340,26 @@ class MainNode:
             row["job"] = i
             row["request"] = job.get("id", str(i))
         return result, layers, (np.stack(all_logits) if collect else None)
+
+    def _progress(self, i: int, force: bool = False) -> None:
+        """``progress`` in the out dir: one JSON line (tokens generated so far over all requests, the request
+        being served, messages in this node's mailbox, bytes on its device ledger), for an observer outside
+        the cluster (``benchmarks/soak.py``). Rewritten atomically at most every 0.2 s of wall time, and at
+        each request's start and end, outside the node's time (the clock paused)."""
+        out_dir = self.node.out_dir
+        if out_dir is None or not (force or time.perf_counter() - self.progress_at >= 0.2):
+            return
+        with self.node.clock.paused():
+            line = {
+                "tokens": self.tokens_done,
+                "request": i,
+                "mailbox": self.node.comm.mailbox.size,
+                "device_bytes": self.node.device.ledger.total,
+            }
+            tmp = out_dir / "progress.tmp"
+            tmp.write_text(json.dumps(line) + "\n")
+            os.replace(tmp, out_dir / "progress")
+            self.progress_at = time.perf_counter()
 
     def _send_done(self, req: Request, cache: DynamicCache, n: int, token: int, P: int) -> None:
         """Tell the shadow iteration n is over: the next token (if token alignment is due at n + 1) and

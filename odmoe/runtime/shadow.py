@@ -117,9 +117,12 @@ class ShadowNode:
         self.node.device.ledger.set("weights/shadow", shadow.weight_bytes()["total"])
         self.precision = precision
         self.pricer = None if self.kind == "oracle" else self.node.pricer(self.adapter.num_layers, "shadow")
+        # the shadow's own (quantized) experts, without build_shadow's routing capture: this node reads the
+        # routing in its own hook, and a capture no one pops kept one tensor per token and MoE layer for the
+        # life of the process (~10 KiB a token on tiny-mixtral; found by benchmarks/soak.py)
+        shadow.capturing = False
         for layer in self.adapter.moe_layers:
-            compute = self.adapter.experts(layer).odmoe_forward  # the shadow's own (quantized) experts
-            self.adapter.set_experts_forward(layer, self._hook(layer, compute))
+            self.adapter.set_experts_forward(layer, self._hook(layer, shadow.experts_compute(layer)))
 
     def _hook(self, layer: int, compute):
         def forward(module, hidden, top_k_index, top_k_weights):
