@@ -97,7 +97,7 @@ class Node:
         ):
             text = str(error)
         if isinstance(error, TimeoutError):  # a wait timed out: blame a rank that stopped running, if any
-            stale = self.await_stale_rank()
+            stale = self.stopped_local_rank() or self.await_stale_rank()
             if stale is not None:
                 text = (
                     f"{Layout.name(stale[0])} stopped responding (no heartbeat for {stale[1]:.1f} s; {text})"
@@ -140,6 +140,26 @@ class Node:
             return None
         rank = max(ages, key=ages.get)
         return (rank, ages[rank]) if ages[rank] > self.STALE_S else None
+
+    def stopped_local_rank(self) -> tuple[int, float] | None:
+        """A rank on this machine whose process is stopped (state ``T``: SIGSTOP, a debugger), if any.
+
+        Read from ``/proc`` rather than inferred from heartbeats, so it does not depend on how long the
+        counter has stood still when this rank's wait times out; the heartbeats remain the test for ranks
+        on other machines. Returns the rank and how long its counter has stood still (0 if never seen).
+        """
+        for rank in range(self.layout.world_size):
+            if rank == self.rank:
+                continue
+            try:
+                host, pid = self.store.get(self.key(f"pid/{rank}")).decode().split()
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except Exception:  # noqa: BLE001 - no pid published, another machine, or the process is gone
+                continue
+            if host == socket.gethostname() and state in ("T", "t"):
+                seen = self._heard.get(rank)
+                return rank, (time.monotonic() - seen[1]) if seen else 0.0
+        return None
 
     def await_stale_rank(self) -> tuple[int, float] | None:
         """``stale_rank``, waiting up to ``STALE_S + HEARTBEAT_S`` for one to appear.
