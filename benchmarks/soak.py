@@ -218,17 +218,10 @@ def summarize(
 
 # ---- the run ----------------------------------------------------------------------------------
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from odmoe.launch import compose_config
+    from odmoe.schema import validate
 
-    from odmoe.schema import compose_error, validate
-
-    base = ["model=tiny-mixtral", "hardware=cpu-emulated", "timing=modelled", "+system=odmoe"]
-    mine = [("+" + o if o.startswith("system=") else o) for o in overrides]
-    with initialize_config_dir(str(repo_root() / "conf"), version_base="1.3"):
-        try:
-            cfg = compose("config", [*base, *mine])
-        except Exception as e:  # noqa: BLE001 - Hydra's composition errors, as one line
-            raise compose_error(e) from None
+    cfg = compose_config(["model=tiny-mixtral", "hardware=cpu-emulated", "timing=modelled", *overrides])
     validate(cfg)
     return cfg
 

@@ -196,14 +196,6 @@ def _bad_input(error: OdmoeError) -> None:
 
 
 # ---- the single-machine spawner ---------------------------------------------------------------
-def _stopped(pid: int) -> bool:
-    """Whether process ``pid`` is stopped (SIGSTOP, state T): it cannot end itself, so it is killed."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
-
-
 def _die_with_parent() -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -220,6 +212,7 @@ def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -
     import torch.distributed as dist
 
     from odmoe.runtime.layout import Layout
+    from odmoe.runtime.node import process_stopped
     from odmoe.schema import check_system
 
     check_system(spec["system"])  # a bad system config fails here, not after 2 + W model loads
@@ -285,7 +278,7 @@ def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -
                 failed_at = time.monotonic()
             if failed_at is not None:
                 for p, c in zip(procs, codes, strict=True):
-                    if c is None and _stopped(p.pid):
+                    if c is None and process_stopped(p.pid):
                         p.kill()
             if failed_at is not None and (
                 all(c is not None for c in codes) or time.monotonic() - failed_at > timeout + 2
@@ -316,7 +309,8 @@ def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -
 
 
 # ---- command line -----------------------------------------------------------------------------
-def _compose(overrides: list[str]):
+def compose_config(overrides: list[str]):
+    """The Hydra config of a cluster run: ``overrides`` with ``system`` defaulting to ``odmoe``."""
     from hydra import compose, initialize_config_dir
 
     from odmoe.schema import compose_error
@@ -360,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
             from odmoe.data.prompts import load_prompts
             from odmoe.schema import validate
 
-            cfg = _compose(args.overrides)
+            cfg = compose_config(args.overrides)
             validate(cfg)
             spec = spec_from_cfg(cfg, cfg.system, [])
             check_world(layout_for(spec))  # before any prompt is read: every rank fails at once

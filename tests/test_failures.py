@@ -317,8 +317,8 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path, monkeypatch, o
 
 @pytest.mark.xfail(
     reason="intermittent under CI load (issue 13): passed 8 of 8 on an idle host after the stale-heartbeat "
-    "grace, then timed out once in a full CI run (the stopped rank was not killed); the /proc state check "
-    "added after it is not yet proven there",
+    "grace, then timed out once in a full CI run (the stopped rank was not killed); with the /proc state "
+    "check added after it, it has passed one CI run so far",
     strict=False,
 )
 def test_stopped_rank_under_torchrun_is_killed_not_left_to_linger(tmp_path, micro_mixtral_dir, odmoe_home):

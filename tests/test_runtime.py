@@ -163,10 +163,10 @@ def test_top4_shared_expert_model_quantized_shadow(micro_qwen2moe, tmp_path):
 @pytest.mark.parametrize(
     "sig, rank, expect",
     [
-        # whichever rank notices first reports it (main: lost connection / no reply; shadow: no
-        # heartbeat): the message must name the failed worker's role and rank
-        # each role once, both signals (all six pass; three keep the suite's time: a stopped worker is
-        # also test_failures' torchrun case, and a killed rank of any role breaks the same connections)
+        # whichever rank notices first reports it (a lost connection, or a wait that timed out on a
+        # stopped rank): the message must name the failed rank's role and rank. Each role once, both
+        # signals (all six pass; three keep the suite's time: a stopped worker is also test_failures'
+        # torchrun case, and a killed rank of any role breaks the same connections)
         (signal.SIGKILL, 2, "worker 0 (rank 2)"),
         (signal.SIGKILL, 0, "main (rank 0)"),
         (signal.SIGSTOP, 1, "shadow (rank 1)"),

@@ -6,11 +6,12 @@ rendezvous store and exits (a rank whose heartbeat in the store has stopped is b
 of the peer that was being waited on, so a stopped worker is named, not the main node that waits for it;
 a rank whose wait times out gives the heartbeats a few seconds to go stale first); a watchdog thread in
 every other rank polls that key (every 0.5 s) and exits with the same line, so the whole cluster is gone
-within the timeout plus about five seconds. A rank that is killed outright is noticed by every rank that receives
-from it (its connection breaks); one that hangs, by the rank waiting on it (the wait times out). A rank
-blamed for a timeout because its heartbeat stopped (a SIGSTOPped or wedged process cannot end itself) is
-killed by the rank that blames it when both run on the same machine (each rank publishes its host and
-pid), so under torchrun it does not linger until the agent's own grace period runs out.
+within the timeout plus about five seconds. A rank that is killed outright is noticed by every rank that
+receives from it (its connection breaks); one that hangs, by the rank waiting on it (the wait times out).
+A rank blamed for a timeout because it is stopped (state T in ``/proc``, for a rank on the same machine)
+or its heartbeat stopped (a SIGSTOPped or wedged process cannot end itself) is killed by the rank that
+blames it when both run on the same machine (each rank publishes its host and pid), so under torchrun it
+does not linger until the agent's own grace period runs out.
 """
 
 from __future__ import annotations
@@ -113,13 +114,22 @@ class Node:
         print(f"odmoe: {line}", file=sys.stderr, flush=True)
         os._exit(1)
 
+    def local_pid(self, rank: int) -> int | None:
+        """The pid ``rank`` published, if it runs on this machine (None: another machine, or not published)."""
+        try:
+            host, text = self.store.get(self.key(f"pid/{rank}")).decode().split()
+            pid = int(text)
+        except Exception:  # noqa: BLE001 - best effort: the rank may not have published, or the store is gone
+            return None
+        return pid if host == socket.gethostname() and pid != os.getpid() else None
+
     def kill_if_local(self, rank: int) -> None:
         """SIGKILL ``rank`` if it runs on this machine (a stopped process ignores everything else)."""
+        pid = self.local_pid(rank)
         try:
-            host, pid = self.store.get(self.key(f"pid/{rank}")).decode().split()
-            if host == socket.gethostname() and int(pid) != os.getpid():
-                os.kill(int(pid), signal.SIGKILL)
-        except Exception:  # noqa: BLE001 - best effort: the rank may be gone or on another machine
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+        except OSError:  # the rank is already gone
             pass
 
     HEARTBEAT_S = 1.0
@@ -149,14 +159,8 @@ class Node:
         on other machines. Returns the rank and how long its counter has stood still (0 if never seen).
         """
         for rank in range(self.layout.world_size):
-            if rank == self.rank:
-                continue
-            try:
-                host, pid = self.store.get(self.key(f"pid/{rank}")).decode().split()
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except Exception:  # noqa: BLE001 - no pid published, another machine, or the process is gone
-                continue
-            if host == socket.gethostname() and state in ("T", "t"):
+            pid = None if rank == self.rank else self.local_pid(rank)
+            if pid is not None and process_stopped(pid):
                 seen = self._heard.get(rank)
                 return rank, (time.monotonic() - seen[1]) if seen else 0.0
         return None
@@ -230,6 +234,15 @@ class Node:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {count} of {world} ranks reached '{name}' within {timeout:g} s")
             time.sleep(0.05)
+
+
+def process_stopped(pid: int) -> bool:
+    """Whether process ``pid`` on this machine is stopped (SIGSTOP, a debugger: state T): it cannot end
+    itself, so whoever notices kills it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def _write_failure(out_dir: Path | None, text: str) -> None:
