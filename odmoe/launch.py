@@ -14,9 +14,10 @@ that reaches the store).
 Every rank composes the same Hydra configuration from its arguments (``conf/``; ``system`` defaults
 to ``odmoe``). Rank 0, the main node, writes ``requests.jsonl``, ``layers.csv`` (and logits, when
 asked) under ``--out``. The runner does not need torchrun: :func:`spawn_local` starts the ranks as
-local subprocesses with the same environment torchrun gives them (``RANK``, ``WORLD_SIZE``,
-``MASTER_ADDR``/``MASTER_PORT`` of a store the spawner hosts), watches them, and on any failure ends
-every one (no orphans: each child also dies with its parent) and raises :class:`ClusterFailed` with
+local processes (forked from a server that has imported torch once) with the same environment torchrun
+gives them (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` of a store the spawner hosts),
+watches them, and on any failure ends every one (no orphans: each child also dies with its parent) and
+raises :class:`ClusterFailed` with
 the first failing rank's one-line message.
 """
 
@@ -28,8 +29,8 @@ import datetime
 import json
 import os
 import signal
-import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -196,15 +197,65 @@ def _bad_input(error: OdmoeError) -> None:
 
 
 # ---- the single-machine spawner ---------------------------------------------------------------
-def _die_with_parent() -> None:
+# CPU ranks are forked from one server process that has imported torch, transformers and the roles once
+# (the standard library's forkserver), not started as fresh interpreters: each fresh interpreter spends
+# ~5 s of CPU on imports, which on a 2-core laptop is most of a small cluster's start-up. Fork is safe
+# there because the server has run no torch op (no thread pool). Ranks that may touch CUDA start as
+# fresh interpreters ("spawn"): nothing imported before them can have initialized CUDA.
+_PRELOAD = [
+    "torch",
+    "transformers",
+    "odmoe.launch",
+    "odmoe.models.load",
+    "odmoe.runtime.main",
+    "odmoe.runtime.shadow",
+    "odmoe.runtime.worker",
+]
+
+
+_NEVER_STARTED = (
+    "it ended before it started: a script that starts a cluster must guard its entry point with "
+    "`if __name__ == '__main__':` (each rank re-imports it, as multiprocessing does)"
+)
+
+
+def _rank_process(argv: list[str], env: dict, log_path: str) -> None:
+    """Body of one rank: the environment, session and log that ``python -m odmoe.launch`` under
+    torchrun would have, then :func:`main`."""
+    os.setsid()  # Ctrl-C reaches the spawner, which ends the ranks itself
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(repo_root())
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    # tqdm's default lock is a multiprocessing semaphore, registered with the spawner's resource tracker;
+    # a rank ends with os._exit, so the spawner would report it leaked. A rank needs a thread lock only.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+    main(argv)
+
+
+def _rank_context(device: str):
+    import multiprocessing
+
+    if device != "cpu":
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
 
 
 def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -> list[dict]:
-    """Run ``spec`` on a local cluster of subprocesses; return the main node's per-request results.
+    """Run ``spec`` on a local cluster of processes; return the main node's per-request results.
 
     ``timeout`` bounds how long the spawner waits for the remaining ranks after the first failure
     (default: the spec's ``system.timeout_s``) before it kills them.
@@ -240,38 +291,21 @@ def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -
         TORCHELASTIC_RESTART_COUNT="0",
         TORCHELASTIC_RUN_ID=spec["run_id"],
         OMP_NUM_THREADS=str(spec.get("threads", 1)),
-        PYTHONUNBUFFERED="1",
     )
-    env["PYTHONPATH"] = os.pathsep.join([str(repo_root()), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    procs: list[subprocess.Popen] = []
-    logs = []
+    ctx = _rank_context(spec["device"])
+    procs = []
+    argv = ["--spec", str(out_dir / "spec.json"), "--out", str(out_dir)]
     try:
         for r in range(world):
-            log = open(out_dir / f"rank{r}.log", "w")  # noqa: SIM115 - closed below
-            logs.append(log)
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "odmoe.launch",
-                        "--spec",
-                        str(out_dir / "spec.json"),
-                        "--out",
-                        str(out_dir),
-                    ],
-                    env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=repo_root(),
-                    preexec_fn=_die_with_parent,
-                    start_new_session=True,  # Ctrl-C reaches the spawner, which ends the ranks itself
-                )
-            )
+            log_path = str(out_dir / f"rank{r}.log")
+            rank_env = env | {"RANK": str(r), "LOCAL_RANK": str(r)}
+            proc = ctx.Process(target=_rank_process, args=(argv, rank_env, log_path), name=f"rank{r}")
+            proc.start()
+            procs.append(proc)
         failed_at = None
         abort_key = f"odmoe/{spec['run_id']}/abort"
         while True:
-            codes = [p.poll() for p in procs]
+            codes = [p.exitcode for p in procs]
             if all(c == 0 for c in codes):
                 break
             if failed_at is None and (any(c not in (None, 0) for c in codes) or store.check([abort_key])):
@@ -288,19 +322,18 @@ def spawn_local(spec: dict, out_dir: str | Path, timeout: float | None = None) -
     finally:
         killed = []
         for r, p in enumerate(procs):
-            if p.poll() is None:
+            if p.exitcode is None:
                 p.kill()
                 killed.append(r)
-            p.wait()
-        for log in logs:
-            log.close()
-    codes = [p.returncode for p in procs]
+            p.join()
+    codes = [p.exitcode for p in procs]
     if any(codes):
         reason = store.get(abort_key).decode() if store.check([abort_key]) else None
         if reason is None:
             bad = [r for r, c in enumerate(codes) if c] or [0]
             r = bad[0]
-            tail = (out_dir / f"rank{r}.log").read_text().strip().splitlines()[-3:]
+            log = out_dir / f"rank{r}.log"
+            tail = log.read_text().strip().splitlines()[-3:] if log.exists() else [_NEVER_STARTED]
             reason = f"{Layout.name(r)} exited with code {codes[r]}: {' | '.join(tail)}"
         extra = f"; killed {', '.join(Layout.name(r) for r in killed)} after {timeout:g} s" if killed else ""
         raise ClusterFailed(f"OD-MoE cluster failed: {reason}{extra} (logs: {out_dir}/rank*.log)")

@@ -6,6 +6,7 @@ Set ODMOE_TEST_HOME to a directory to keep the trained micro models between pyte
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,18 @@ def family_dir(tmp_path_factory, micro_mixtral_dir):
         return made[family]
 
     return make
+
+
+@pytest.fixture
+def run_side_by_side():
+    """Run commands at once (the suite has 2 cores; each command is mostly one busy import-bound thread):
+    their ``CompletedProcess``es, in order."""
+
+    def run(cmds: list[list[str]], **popen) -> list[subprocess.CompletedProcess]:
+        procs = [
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+            for cmd in cmds
+        ]
+        return [subprocess.CompletedProcess(p.args, p.wait(), *p.communicate(timeout=600)) for p in procs]
+
+    return run

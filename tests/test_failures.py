@@ -43,7 +43,7 @@ def _one_error_line(res: subprocess.CompletedProcess, expect: str) -> None:
     assert expect in lines[0], lines[0]
 
 
-def test_bad_input_is_refused_before_any_work(tmp_path, micro_mixtral_dir, odmoe_home):
+def test_bad_input_is_refused_before_any_work(tmp_path, micro_mixtral_dir, odmoe_home, run_side_by_side):
     """Each class of bad input, end to end: exit 2, one line naming the key/value/fix, no traceback, and
     nothing written (refused before Hydra makes a run directory)."""
     results = tmp_path / "results"
@@ -60,8 +60,8 @@ def test_bad_input_is_refused_before_any_work(tmp_path, micro_mixtral_dir, odmoe
         (("+exp=reference", "model=local", f"model.path={truncated}"), "is truncated or corrupted"),
         (("+exp=e2e", "model=micro-mixtral", "system.workers=3"), "3 workers do not split into groups of 2"),
     ]
-    for args, expect in cases:
-        res = subprocess.run(_runner(results, *args), capture_output=True, text=True, env=_env(odmoe_home))
+    runs = run_side_by_side([_runner(results, *args) for args, _ in cases], env=_env(odmoe_home))
+    for (_, expect), res in zip(cases, runs, strict=True):
         _one_error_line(res, expect)
         assert "Traceback" not in res.stderr
     assert not results.exists()
@@ -205,39 +205,6 @@ class _Watched:
         return code
 
 
-def test_sigterm_during_recall_marks_interrupted_and_leaves_no_worker(
-    tmp_path, micro_mixtral_dir, odmoe_home
-):
-    results = tmp_path / "results"
-    args = (
-        "+exp=recall",
-        "model=micro-mixtral",
-        "exp.num_prompts=2",
-        "exp.prompt_len=8",
-        "exp.output_len=16",
-    )
-    args += ("exp.workers=2", "exp.precisions=[fp16]", "exp.alignments=[none,token_kv]")
-    run = _Watched(_runner(results, *args), _env(odmoe_home))
-    try:
-        _wait_for(lambda: len(_forked_children(run.proc.pid)) >= 2, 600, run.proc)  # forked workers busy
-        workers = _forked_children(run.proc.pid)
-        assert run.stop(signal.SIGTERM) == 128 + signal.SIGTERM, run.err
-    finally:
-        run.proc.kill()
-    assert "Traceback" not in run.err
-    ours = [line for line in run.err.splitlines() if line.startswith("odmoe:")]
-    assert ours == ["odmoe: interrupted by SIGTERM; rerun the same command to resume"], run.err
-    time.sleep(0.5)
-    assert not [w for w in workers if _alive(w)]  # no forked worker outlives its parent
-    run_dir = results / "recall" / "default"
-    meta = json.loads((run_dir / "meta.json").read_text())
-    assert meta["status"] == "interrupted" and meta["signal"] == "SIGTERM"
-    assert not (run_dir / "summary.json").exists()
-    again = subprocess.run(_runner(results, *args), capture_output=True, text=True, env=_env(odmoe_home))
-    assert again.returncode == 0, again.stderr
-    assert json.loads((run_dir / "meta.json").read_text())["status"] == "complete"
-
-
 def test_ctrl_c_during_training_checkpoints_and_the_rerun_resumes(tmp_path, micro_mixtral_dir):
     """SIGINT mid-training: one line, exit 130, a checkpoint and no temporary model directory; the rerun
     resumes from that step (not from zero), and a SIGTERM there checkpoints again."""
@@ -349,3 +316,100 @@ def test_stopped_rank_under_torchrun_is_killed_not_left_to_linger(tmp_path, micr
     assert sorted(gone) == [0, 1, 2, 3], output
     ours = "\n".join(line for line in output.splitlines() if "odmoe:" in line)
     assert "worker 1 (rank 3) stopped responding" in output, ours
+
+
+# the host's own seconds for a piece of work (wall or CPU) differ from run to run; every other column must not
+_HOST_SECONDS = ["seconds", "ms_per_token", "build_seconds", "fit_wall_s", "train_cpu_s"]
+
+
+def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
+    return {
+        str(p.relative_to(run_dir)): pd.read_csv(p).drop(columns=_HOST_SECONDS, errors="ignore")
+        for p in sorted(run_dir.rglob("*.csv"))
+    }
+
+
+def _cluster_ranks(pid: int, run_dir: Path) -> list[int] | None:
+    """The OD-MoE cluster's rank pids once all four are up, else None."""
+    cluster = run_dir / "cluster-odmoe"
+    pids = list(cluster.glob("rank*.pid"))
+    return [int(p.read_text()) for p in pids] if (cluster / "status").exists() and len(pids) == 4 else None
+
+
+def _forked_workers(pid: int, run_dir: Path) -> list[int] | None:
+    workers = _forked_children(pid)
+    return workers if len(workers) >= 2 else None
+
+
+def _first_capture(pid: int, run_dir: Path) -> list[int] | None:
+    return _forked_children(pid) if any((run_dir / "captures").glob("*")) else None
+
+
+# what to run, and when (with which child processes) to interrupt it
+_RESUMABLE = {
+    # while the OD-MoE cluster decodes (the cached rows are done); modelled time, so the rerun's timings
+    # are the uninterrupted run's to the last digit
+    "e2e": (
+        ("+exp=e2e", "model=micro-mixtral", "timing=modelled", "system.workers=2", "exp.num_prompts=2")
+        + ("exp.systems=[cached,odmoe]", "exp.workloads=[[8,6]]", "exp.ppl_tokens=16"),
+        _cluster_ranks,
+    ),
+    # while forked workers replay shadows
+    "recall": (
+        ("+exp=recall", "model=micro-mixtral", "exp.num_prompts=2", "exp.prompt_len=8", "exp.output_len=16")
+        + ("exp.workers=2", "exp.precisions=[fp16]", "exp.alignments=[none,token_kv]"),
+        _forked_workers,
+    ),
+    # once the first reference capture is saved
+    "predictors": (
+        ("+exp=predictors", "model=micro-mixtral", "exp.eval_prompts=1", "exp.calib_prompts=2")
+        + ("exp.prompt_len=8", "exp.output_len=4", "exp.max_lookahead=3", "exp.sep_precisions=[fp16]")
+        + ("exp.learned.steps=5", "exp.preattn.steps=5", "exp.moe_beyond.steps=5", "exp.proc_workers=1"),
+        _first_capture,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "exp,sig", [("e2e", signal.SIGTERM), ("recall", signal.SIGTERM), ("predictors", signal.SIGINT)]
+)
+def test_interrupted_experiment_resumes_to_the_uninterrupted_tables(
+    exp, sig, tmp_path, micro_mixtral_dir, odmoe_home
+):
+    """A signal mid-run: one line, exit 128 + signal, ``interrupted`` in meta.json, no summary, every child
+    (cluster ranks, forked workers) gone; the rerun of the same command writes the uninterrupted run's
+    tables. The uninterrupted run goes alongside, on the other core."""
+    args, started = _RESUMABLE[exp]
+    straight = subprocess.Popen(
+        _runner(tmp_path / "straight", *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, env=_env(odmoe_home),
+    )  # fmt: skip
+    results = tmp_path / "resumed"
+    run_dir = results / exp / "default"
+    run = _Watched(_runner(results, *args), _env(odmoe_home))
+    children: list[list[int] | None] = [None]
+    try:
+        _wait_for(
+            lambda: (children.append(started(run.proc.pid, run_dir)), children[-1])[1] is not None,
+            600,
+            run.proc,
+        )
+        assert run.stop(sig) == 128 + sig, run.err
+    finally:
+        run.proc.kill()
+    assert "Traceback" not in run.err
+    ours = [line for line in run.err.splitlines() if line.startswith("odmoe:")]
+    assert ours == [f"odmoe: interrupted by {sig.name}; rerun the same command to resume"], run.err
+    time.sleep(0.5)
+    assert not [pid for pid in children[-1] if _alive(pid)]
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["status"] == "interrupted" and meta["signal"] == sig.name
+    assert not (run_dir / "summary.json").exists()
+    again = subprocess.run(_runner(results, *args), capture_output=True, text=True, env=_env(odmoe_home))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "complete"
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-2000:]
+    expected, got = _tables(tmp_path / "straight" / exp / "default"), _tables(run_dir)
+    assert expected.keys() == got.keys()
+    for name, table in expected.items():
+        pd.testing.assert_frame_equal(got[name], table, obj=name)

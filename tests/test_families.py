@@ -9,8 +9,6 @@ full model's.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from test_runtime import check_exact, spec_for
@@ -27,17 +25,16 @@ from odmoe.predict.shadow import build_shadow
 
 OUT = 8
 PROMPT = 8
-# The runtime's shadow precision and clock per family (conftest's FAMILY_CONFIGS). The suite runs a cluster
-# for each latent-attention family (their caches hold K and V of different widths, the runtime's one
-# family-specific path): int8 on the wall clock (decisions on physical arrival), nf4 on virtual time.
-# Qwen3-MoE and OLMoE cache K/V as Mixtral does (test_runtime.py runs Mixtral and Qwen2-MoE clusters);
-# their clusters cost ~15 s each on 2 cores, so they run with ODMOE_TEST_ALL_FAMILIES=1.
+# The runtime's shadow precision and clock per family (conftest's FAMILY_CONFIGS): every family runs a cluster,
+# and between them every shadow precision and clock. The latent-attention families (their caches hold K and V
+# of different widths, the runtime's one family-specific path) run int8 on the wall clock (decisions on
+# physical arrival) and nf4 on virtual time.
 RUNTIME = {
     "deepseek_v2": ("int8", "wall"),
     "deepseek_v3": ("nf4", "measured"),
+    "qwen3_moe": ("fp16", "measured"),
+    "olmoe": ("fp16", "wall"),
 }
-if os.environ.get("ODMOE_TEST_ALL_FAMILIES"):
-    RUNTIME |= {"qwen3_moe": ("fp16", "measured"), "olmoe": ("fp16", "wall")}
 ALIGNMENTS = ["T1_KV1", "token", "kv", "none", "T2_KV3"]
 
 

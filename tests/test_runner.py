@@ -11,11 +11,19 @@ import pandas as pd
 
 
 def run_exp(*args: str, results, env_home) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ODMOE_HOME=str(env_home))
+    return subprocess.run(
+        exp_command(*args, results=results), capture_output=True, text=True, env=_env(env_home), timeout=300
+    )
+
+
+def exp_command(*args: str, results) -> list[str]:
     flags = [a for a in args if a.startswith("-")]  # Hydra wants its flags before the overrides
     overrides = [a for a in args if not a.startswith("-")]
-    cmd = [sys.executable, "-m", "experiments.run", *flags, f"results_dir={results}", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return [sys.executable, "-m", "experiments.run", *flags, f"results_dir={results}", *overrides]
+
+
+def _env(home) -> dict:
+    return dict(os.environ, ODMOE_HOME=str(home))
 
 
 def test_reference_run_writes_self_describing_results_and_resumes(tmp_path, micro_mixtral_dir, odmoe_home):
@@ -64,7 +72,9 @@ def test_multirun_sweep(tmp_path, micro_mixtral_dir, odmoe_home):
     assert [json.loads(p.read_text())["output_len"] for p in summaries] == [3, 4]
 
 
-def test_bad_input_gives_one_error_line_and_no_summary(tmp_path, micro_mixtral_dir, odmoe_home):
+def test_bad_input_gives_one_error_line_and_no_summary(
+    tmp_path, micro_mixtral_dir, odmoe_home, run_side_by_side
+):
     cases = {
         ("+exp=reference", "model=micro-mixtral", "exp.output_len=-1"): "must be positive",
         ("+exp=reference", "model=micro-mixtral", "exp.num_prompts=0"): "positive number of prompts",
@@ -73,8 +83,10 @@ def test_bad_input_gives_one_error_line_and_no_summary(tmp_path, micro_mixtral_d
         ("+exp=pretrain", "model=local", "model.path=/x"): "embedded models only",
         ("model=micro-mixtral",): "no experiment chosen",
     }
-    for i, (args, message) in enumerate(cases.items()):
-        res = run_exp(*args, f"run=bad{i}", results=tmp_path, env_home=odmoe_home)
+    cmds = [exp_command(*args, f"run=bad{i}", results=tmp_path) for i, args in enumerate(cases)]
+    cmds.append(exp_command("+exp=no_such_experiment", results=tmp_path))
+    *runs, unknown = run_side_by_side(cmds, env=_env(odmoe_home))
+    for (args, message), res in zip(cases.items(), runs, strict=True):
         assert res.returncode == 2, (args, res.stderr)
         last = res.stderr.strip().splitlines()[-1]
         assert last.startswith("odmoe: error:") and message in last, (args, last)
@@ -82,5 +94,4 @@ def test_bad_input_gives_one_error_line_and_no_summary(tmp_path, micro_mixtral_d
     assert not list(tmp_path.rglob("summary.json"))
     for meta in tmp_path.rglob("meta.json"):
         assert json.loads(meta.read_text())["status"] == "failed"
-    unknown = run_exp("+exp=no_such_experiment", results=tmp_path, env_home=odmoe_home)
     assert unknown.returncode == 2 and "no experiment 'no_such_experiment'; choose one of" in unknown.stderr

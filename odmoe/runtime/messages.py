@@ -383,13 +383,14 @@ class Comm:
         """Use messages taken together (one layer's expert outputs from several workers). With ``ports`` they
         first pass this rank's inbound switch port one after another, in delivery order: what the senders' own
         NICs cannot see is that they all converge on one port (the simulator's inbound FIFO of the main
-        node). Their ``arrive`` times are updated; the clock moves to the last."""
+        node); a tie goes to the lower sender rank, not to whichever message the host delivered first.
+        Their ``arrive`` times are updated; the clock moves to the last."""
         if self.ports is not None:
             port, port_bound = self.ports
-            for m in sorted(msgs, key=lambda m: m.arrive):
+            for m in sorted(msgs, key=lambda m: (m.arrive, m.src)):
                 nbytes = self._priced(m.kind, m.tensor, m.ints, _payload_bytes(m.tensor))
                 m.arrive = port.receive(nbytes, m.arrive)
-            for m in sorted(msgs, key=lambda m: m.arrive_bound):
+            for m in sorted(msgs, key=lambda m: (m.arrive_bound, m.src)):
                 nbytes = self._priced(m.kind, m.tensor, m.ints, _payload_bytes(m.tensor))
                 m.arrive_bound = port_bound.receive(nbytes, m.arrive_bound)
         for m in msgs:
