@@ -282,12 +282,6 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path, monkeypatch, o
     pd.testing.assert_series_equal(logs[0].loss, logs[1].loss)
 
 
-@pytest.mark.xfail(
-    reason="intermittent under CI load (issue 13): passed 8 of 8 on an idle host after the stale-heartbeat "
-    "grace, then timed out once in a full CI run (the stopped rank was not killed); with the /proc state "
-    "check added after it, it has passed one CI run so far",
-    strict=False,
-)
 def test_stopped_rank_under_torchrun_is_killed_not_left_to_linger(tmp_path, micro_mixtral_dir, odmoe_home):
     """SIGSTOP a worker under torchrun: the rank that blames it kills it; every process is gone within
     system.timeout_s + 10 s (torchrun's agent alone would leave it stopped for its 30 s grace period)."""
