@@ -17,8 +17,7 @@ asked) under ``--out``. The runner does not need torchrun: :func:`spawn_local` s
 local processes (forked from a server that has imported torch once) with the same environment torchrun
 gives them (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` of a store the spawner hosts),
 watches them, and on any failure ends every one (no orphans: each child also dies with its parent) and
-raises :class:`ClusterFailed` with
-the first failing rank's one-line message.
+raises :class:`ClusterFailed` with the first failing rank's one-line message.
 """
 
 from __future__ import annotations

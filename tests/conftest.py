@@ -149,6 +149,10 @@ def run_side_by_side():
             subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
             for cmd in cmds
         ]
-        return [subprocess.CompletedProcess(p.args, p.wait(), *p.communicate(timeout=600)) for p in procs]
+        outputs = [p.communicate(timeout=600) for p in procs]  # reads the pipes, then waits
+        return [
+            subprocess.CompletedProcess(p.args, p.returncode, *out)
+            for p, out in zip(procs, outputs, strict=True)
+        ]
 
     return run

@@ -218,6 +218,33 @@ def test_impossible_layout_errors_before_starting(micro_mixtral, tmp_path):
     assert not list(tmp_path.glob("rank*.log"))
 
 
+_UNGUARDED = """
+import json, sys
+from odmoe.launch import ClusterFailed, spawn_local
+try:
+    spawn_local(json.loads(open(sys.argv[1]).read()), sys.argv[2])
+except ClusterFailed as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_script_without_main_guard_is_told_why_its_ranks_never_started(micro_mixtral, tmp_path):
+    """Ranks are forked from a forkserver, which re-imports the caller's script in each rank: a script
+    without ``if __name__ == "__main__":`` gets ClusterFailed naming the guard, not a missing log file."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(spec_for(micro_mixtral, [{"id": "a", "prompt": prompts(1)[0], "output_len": 2}]))
+    )
+    (tmp_path / "unguarded.py").write_text(_UNGUARDED)
+    res = subprocess.run(
+        [sys.executable, str(tmp_path / "unguarded.py"), str(spec), str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=repo_root(), timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "ended before it started" in res.stdout and "if __name__ == '__main__':" in res.stdout, res.stdout
+
+
 def test_e2e_plan_runs_cached_once_per_clock_and_refuses_bad_lists():
     from experiments.e2e import plan
 
