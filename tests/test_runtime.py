@@ -164,14 +164,15 @@ def test_top4_shared_expert_model_quantized_shadow(micro_qwen2moe, tmp_path):
     "sig, rank, expect",
     [
         # whichever rank notices first reports it (a lost connection, or a wait that timed out on a
-        # stopped rank): the message must name the failed rank's role and rank. Each role once, both
-        # signals (all six pass; three keep the suite's time: a stopped worker is also test_failures'
-        # torchrun case, and a killed rank of any role breaks the same connections)
-        (signal.SIGKILL, 2, "worker 0 (rank 2)"),
+        # stopped rank): the message must name the failed rank's role and rank. Each role, both signals.
         (signal.SIGKILL, 0, "main (rank 0)"),
+        (signal.SIGKILL, 1, "shadow (rank 1)"),
+        (signal.SIGKILL, 2, "worker 0 (rank 2)"),
+        (signal.SIGSTOP, 0, "main (rank 0)"),
         (signal.SIGSTOP, 1, "shadow (rank 1)"),
+        (signal.SIGSTOP, 3, "worker 1 (rank 3)"),
     ],
-    ids=["killed-worker", "killed-main", "stopped-shadow"],
+    ids=["killed-main", "killed-shadow", "killed-worker", "stopped-main", "stopped-shadow", "stopped-worker"],
 )
 def test_dead_or_hung_rank_ends_the_run_cleanly(micro_mixtral, tmp_path, sig, rank, expect):
     """kill -9 or SIGSTOP of each role: every rank exits within the timeout (plus the few seconds a rank
