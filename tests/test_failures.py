@@ -381,13 +381,15 @@ def test_interrupted_experiment_resumes_to_the_uninterrupted_tables(
     results = tmp_path / "resumed"
     run_dir = results / exp / "default"
     run = _Watched(_runner(results, *args), _env(odmoe_home))
-    children: list[list[int] | None] = [None]
+    children: list[int] = []
+
+    def interruptible() -> bool:
+        found = started(run.proc.pid, run_dir)
+        children[:] = found or []
+        return found is not None
+
     try:
-        _wait_for(
-            lambda: (children.append(started(run.proc.pid, run_dir)), children[-1])[1] is not None,
-            600,
-            run.proc,
-        )
+        _wait_for(interruptible, 600, run.proc)
         assert run.stop(sig) == 128 + sig, run.err
     finally:
         run.proc.kill()
@@ -395,7 +397,7 @@ def test_interrupted_experiment_resumes_to_the_uninterrupted_tables(
     ours = [line for line in run.err.splitlines() if line.startswith("odmoe:")]
     assert ours == [f"odmoe: interrupted by {sig.name}; rerun the same command to resume"], run.err
     time.sleep(0.5)
-    assert not [pid for pid in children[-1] if _alive(pid)]
+    assert not [pid for pid in children if _alive(pid)]
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["status"] == "interrupted" and meta["signal"] == sig.name
     assert not (run_dir / "summary.json").exists()

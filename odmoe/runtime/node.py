@@ -159,7 +159,7 @@ class Node:
         on other machines. Returns the rank and how long its counter has stood still (0 if never seen).
         """
         for rank in range(self.layout.world_size):
-            pid = None if rank == self.rank else self.local_pid(rank)
+            pid = self.local_pid(rank)  # None for this rank itself
             if pid is not None and process_stopped(pid):
                 seen = self._heard.get(rank)
                 return rank, (time.monotonic() - seen[1]) if seen else 0.0
