@@ -59,6 +59,73 @@ def test_routed_experts_are_stored_and_run_quantized(micro_mixtral, precision):
     assert (out - half).norm() / ref.norm() > 1e-4
 
 
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_quantized_experts_equal_bitsandbytes_matmuls_bit_for_bit(micro_mixtral, precision, rows):
+    """``QuantizedExperts`` calls bitsandbytes' ops without ``bnb.matmul``'s wrapper (and keeps CPU nf4
+    weights dequantized): the numbers must be the wrapper's own, outliers included."""
+    from bitsandbytes.autograd._functions import MatmulLtState
+    from bitsandbytes.functional import QuantState
+
+    from odmoe.predict.quantize import NF4_BLOCKSIZE, _int8_state
+
+    q = (
+        build_shadow(micro_mixtral.model, micro_mixtral.adapter, precision)
+        .adapter.experts(micro_mixtral.adapter.moe_layers[0])
+        .odmoe_quantized
+    )
+    torch.manual_seed(1)
+    x = torch.randn(rows, q.shapes["gate_up"][1]).half()
+    x[0, 3] = 9.0  # above LLM.int8()'s outlier threshold: the mixed-precision decomposition runs
+    for expert in range(q.num_experts):
+        data, scale = q.gate_up_data[expert], q.gate_up_scale[expert]
+        if precision == "int8":
+            want = bnb.matmul(x, data, state=_int8_state(data, scale, q.int8_threshold, MatmulLtState))
+        else:
+            state = QuantState(
+                absmax=scale,
+                shape=torch.Size(q.shapes["gate_up"]),
+                code=q.nf4_code,
+                blocksize=NF4_BLOCKSIZE,
+                quant_type="nf4",
+                dtype=torch.float16,
+            )
+            want = bnb.matmul_4bit(x, data.t(), quant_state=state)
+        for _ in range(2):  # the second call uses the kept nf4 weight
+            assert torch.equal(q._linear(x, "gate_up", expert), want)
+
+
+def test_int8_outlier_columns_stay_per_row_in_a_row_exact_forward(micro_mixtral):
+    """LLM.int8() picks fp16 outlier columns over all rows of a call; in a row-exact forward each row
+    gets its own, so a row's numbers are its batch-1 numbers (and outside one they are not)."""
+    from odmoe.models.rowexact import row_exact
+
+    shadow = build_shadow(micro_mixtral.model, micro_mixtral.adapter, "int8")
+    q = shadow.adapter.experts(micro_mixtral.adapter.moe_layers[0]).odmoe_quantized
+    torch.manual_seed(3)
+    x = torch.randn(4, q.shapes["gate_up"][1]).half()
+    x[0, 3] = 9.0  # an outlier in row 0 only
+    alone = torch.cat([q._linear(x[i : i + 1], "gate_up", 0) for i in range(4)])
+    assert not torch.equal(q._linear(x, "gate_up", 0)[1:], alone[1:])  # rows 1-3 lose column 3's int8
+    with row_exact(shadow.model, shadow.adapter):
+        assert torch.equal(q._linear(x, "gate_up", 0), alone)
+
+
+@pytest.mark.parametrize("in_features", [96, 128])  # 128: bitsandbytes' one-row GEMV branch
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_nf4_linear_keeps_bitsandbytes_numbers_bit_for_bit(in_features, bias, rows):
+    """The shadow's nf4 linear keeps its CPU weight dequantized: the numbers must be bitsandbytes' own."""
+    from odmoe.predict.quantize import quantize_linear
+
+    torch.manual_seed(2)
+    q = quantize_linear(torch.nn.Linear(in_features, 48, bias=bias), "nf4")
+    x = torch.randn(rows, 1, in_features).half()
+    want = bnb.nn.Linear4bit.forward(q, x)
+    for _ in range(2):  # the second call uses the kept weight
+        assert torch.equal(q(x), want)
+
+
 @pytest.mark.parametrize("precision, low, high", [("int8", 0.25, 0.30), ("nf4", 0.125, 0.145)])
 def test_shadow_bytes_within_bounds(micro_mixtral, precision, low, high):
     a = micro_mixtral.adapter

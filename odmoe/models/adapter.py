@@ -21,6 +21,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from odmoe.errors import OdmoeError
+from odmoe.models import rowexact
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 
@@ -36,8 +37,17 @@ NF4_BLOCKSIZE = 64
 def eager_experts_forward(
     module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """The model's own eager expert loop (the reference computation)."""
-    return type(module).forward.__wrapped__(module, hidden_states, top_k_index, top_k_weights)
+    """The model's own eager expert loop (the reference computation); in a row-exact forward
+    (``odmoe.models.rowexact``) one token at a time, as a batch-1 decode step runs it."""
+    forward = type(module).forward.__wrapped__
+    if rowexact.active() and hidden_states.shape[0] > 1:
+        return torch.cat(
+            [
+                forward(module, hidden_states[i : i + 1], top_k_index[i : i + 1], top_k_weights[i : i + 1])
+                for i in range(hidden_states.shape[0])
+            ]
+        )
+    return forward(module, hidden_states, top_k_index, top_k_weights)
 
 
 def _odmoe_experts_forward(module, hidden_states, top_k_index, top_k_weights):

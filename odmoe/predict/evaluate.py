@@ -19,7 +19,8 @@ leaves duplicate rows; ``load_tables`` keeps the last row of each key.
 Replay (``replay=auto``, the default): the references are decoded in batches (each worker one
 share of the prompts), then every configuration is one unit over all prompts, replayed by the
 fastest exact path (``odmoe.predict.sep.replay``): token alignment every iteration as one parallel
-pass per prompt, every other mode as one batched decode of all prompts. ``replay=sequential`` is
+pass per prompt, every other mode as one row-exact batched decode per prompt length (bit for bit the
+sequential one). ``replay=sequential`` is
 the reference: one prompt at a time, ``record_reference`` and ``emulate``.
 
 On CPU the prompts are spread over ``workers`` forked processes with one torch thread each (small
@@ -274,7 +275,7 @@ def evaluate(
     """Fill the run's tables for every (precision, mode, prompt) not done yet; returns timings.
 
     ``replay``: ``auto`` takes the fastest exact path per configuration (``odmoe.predict.sep.replay``:
-    one parallel pass per prompt for token period 1, all prompts as one batch otherwise) after
+    one parallel pass per prompt for token period 1, one row-exact batch per prompt length otherwise) after
     batched reference decodes; ``sequential`` forces the reference: per prompt ``record_reference``
     and ``emulate``. ``batch_prompts`` caps the prompts handled together (their reference KV is held
     in memory). Seconds of a batched pass are split evenly over its prompts in the tables.

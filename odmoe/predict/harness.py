@@ -158,25 +158,34 @@ def _split_calls(calls, num_slots: int) -> tuple[dict[str, np.ndarray], dict[str
 def capture_references(
     model, adapter: MoEAdapter, prompts: Sequence[tuple[str, Sequence[int]]], output_len: int
 ) -> list[tuple[Capture, ReferenceRecord]]:
-    """``capture_reference`` of several (prompt_id, prompt) pairs as one batched decode.
+    """``capture_reference`` of several (prompt_id, prompt) pairs, one batched decode per prompt length
+    (``record_references``: bit for bit the batch-1 records)."""
+    from odmoe.predict.sep import by_length
 
-    The taps of a batched forward call hold every row: the prefill call is [B, width, ...] with each
-    row's padding first (dropped here), a decode call [B, ...].
-    """
+    def batch(part: list) -> list[tuple[Capture, ReferenceRecord]]:
+        if len(part) == 1:
+            return [capture_reference(model, adapter, *part[0], output_len)]
+        return _capture_batch(model, adapter, part, output_len)
+
+    return by_length(list(prompts), lambda p: len(p[1]), batch)
+
+
+def _capture_batch(
+    model, adapter: MoEAdapter, prompts: Sequence[tuple[str, Sequence[int]]], output_len: int
+) -> list[tuple[Capture, ReferenceRecord]]:
+    """Prompts of one length as one batched decode: a tap's prefill call is [B, P, ...], a decode
+    call [B, ...]."""
     from odmoe.predict.sep import record_references
 
-    if len(prompts) == 1:
-        return [capture_reference(model, adapter, *prompts[0], output_len)]
     with _state_hooks(adapter) as calls:
         records = record_references(model, adapter, prompts, output_len)
-    rows, width = len(prompts), max(len(p) for _, p in prompts)
+    rows = len(prompts)
     out = []
     for b, ((pid, prompt), record) in enumerate(zip(prompts, records, strict=True)):
-        pad = width - len(prompt)
         prefill, decode = {}, {}
         for tap in (*TAPS, "p"):
             per_slot = [calls[(tap, s)] for s in range(adapter.num_moe_layers)]
-            prefill[tap] = torch.stack([c[0].reshape(rows, width, -1)[b, pad:] for c in per_slot], 1).numpy()
+            prefill[tap] = torch.stack([c[0].reshape(rows, len(prompt), -1)[b] for c in per_slot], 1).numpy()
             decode[tap] = torch.stack([torch.stack([x[b] for x in c[1:]]) for c in per_slot], 1).numpy()
         out.append((Capture(pid, record.trace, _prompt_embedding(model, prompt), prefill, decode), record))
     return out

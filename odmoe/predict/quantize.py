@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from odmoe.errors import OdmoeError
+from odmoe.models import rowexact
+from odmoe.models.rowexact import split_rows
 
 QUANTIZED = ("int8", "nf4")
 NF4_BLOCKSIZE = 64
@@ -78,6 +80,9 @@ def _int8_state(cb: torch.Tensor, scb: torch.Tensor, threshold: float, state_cls
 class QuantizedExperts(nn.Module):
     """The routed experts of one MoE layer, each expert quantized on its own.
 
+    Keeps rows apart itself in a row-exact forward (``rowexact``): LLM.int8() calls with an outlier
+    and nf4 products run one row at a time.
+
     Holds the quantized data and scales as buffers (``*_data``: int8 [E, out, in] or packed nf4
     [E, out*in/2, 1] uint8; ``*_scale``: fp32 row scales or block absmax) and computes the experts chosen by the router through the
     adapter hook signature ``(module, hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``.
@@ -103,6 +108,7 @@ class QuantizedExperts(nn.Module):
         self.num_experts = gate_up.shape[0]
         self.int8_threshold = float(int8_threshold)
         self.shapes = {"gate_up": tuple(gate_up.shape[1:]), "down": tuple(down.shape[1:])}
+        self._dequantized: dict[tuple[str, int], torch.Tensor] = {}  # CPU nf4 only: see ``_linear``
         for name, w in (("gate_up", gate_up), ("down", down)):
             data, stats = [], []
             for e in range(self.num_experts):
@@ -121,16 +127,38 @@ class QuantizedExperts(nn.Module):
             self.register_buffer(f"{name}_data", torch.stack(data))
             self.register_buffer(f"{name}_scale", torch.stack(stats))
 
+    def _apply(self, fn, recurse=True):
+        self._dequantized.clear()  # moved or cast: dequantize again from the new buffers
+        return super()._apply(fn, recurse)
+
     def _linear(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
-        # Quantization states are rebuilt from the buffers on every call (a few attribute sets), so
-        # they never point at stale storage after the module is moved.
+        """``x`` [T, in] (fp16) times one expert's quantized weight, through bitsandbytes' own ops.
+
+        The ops are the ones ``bnb.matmul`` / ``bnb.matmul_4bit`` run for inference, called without
+        their autograd wrapper and state objects, whose Python costs more than the arithmetic at the
+        shadow's sizes (``tests/test_shadow.py`` checks the results bit for bit against them).
+        On CPU, bitsandbytes' 4-bit matmul is ``dequantize_4bit`` then ``F.linear`` at every call; the
+        dequantized weight is kept (``_nf4_weight``), the same numbers without the repeated work.
+        """
+        data = getattr(self, f"{name}_data")[expert]
+        scale = getattr(self, f"{name}_scale")[expert]
+        ops = torch.ops.bitsandbytes
+        if self.precision == "int8":
+            if _outliers_shared(x, self.int8_threshold):
+                return split_rows(self._linear, x, name, expert)
+            ca, sca, outlier_cols = ops.int8_vectorwise_quant.default(x, self.int8_threshold)
+            if self.int8_threshold > 0.0:
+                return ops.int8_mixed_scaled_mm.default(x, ca, data, sca, scale, outlier_cols, None)[0]
+            return ops.int8_scaled_mm.default(ca, data, sca, scale, bias=None, dtype=x.dtype)
+        if rowexact.active() and x.numel() > x.shape[-1]:
+            return split_rows(self._linear, x, name, expert)
+        if x.device.type == "cpu":
+            return nn.functional.linear(x, self._nf4_weight(name, expert))
         import bitsandbytes as bnb
         from bitsandbytes.functional import QuantState
 
-        data = getattr(self, f"{name}_data")[expert]
-        scale = getattr(self, f"{name}_scale")[expert]
-        if self.precision == "int8":
-            return bnb.matmul(x, data, state=_int8_state(data, scale, self.int8_threshold))
+        # Quantization states are rebuilt from the buffers on every call (a few attribute sets), so
+        # they never point at stale storage after the module is moved.
         state = QuantState(
             absmax=scale,
             shape=torch.Size(self.shapes[name]),
@@ -140,6 +168,22 @@ class QuantizedExperts(nn.Module):
             dtype=torch.float16,
         )
         return bnb.matmul_4bit(x, data.t(), quant_state=state)
+
+    def _nf4_weight(self, name: str, expert: int) -> torch.Tensor:
+        """One expert's nf4 weight dequantized by bitsandbytes (fp16 [out, in]), on first use."""
+        key = (name, expert)
+        weight = self._dequantized.get(key)
+        if weight is None:
+            weight = torch.ops.bitsandbytes.dequantize_4bit.default(
+                getattr(self, f"{name}_data")[expert],
+                getattr(self, f"{name}_scale")[expert],
+                NF4_BLOCKSIZE,
+                "nf4",
+                list(self.shapes[name]),
+                torch.float16,
+            )
+            self._dequantized[key] = weight
+        return weight
 
     def expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """One SwiGLU expert on tokens ``x`` [T, H] (fp16), with quantized kernels."""
@@ -152,7 +196,8 @@ class QuantizedExperts(nn.Module):
         x16 = hidden.to(torch.float16)
         if hidden.shape[0] == 1:  # decode: k experts on one token, fewer small ops
             out = torch.zeros_like(hidden)
-            for j, e in enumerate(top_k_index[0].tolist()):
+            # summed in expert order, as the many-token loop below sums each token's experts
+            for j, e in sorted(enumerate(top_k_index[0].tolist()), key=lambda je: je[1]):
                 if 0 <= e < self.num_experts:
                     out += (self.expert(x16, e) * top_k_weights[:, j, None]).to(out.dtype)
             return out
@@ -166,6 +211,17 @@ class QuantizedExperts(nn.Module):
         return out
 
 
+def _outliers_shared(x: torch.Tensor, threshold: float) -> bool:
+    """Whether an LLM.int8() call on ``x`` would treat other rows' outlier columns as a row's own
+    (it picks them over all rows), in a forward that must keep rows apart (``rowexact``)."""
+    return (
+        rowexact.active()
+        and threshold > 0.0
+        and x.numel() > x.shape[-1]
+        and bool((x.abs() >= threshold).any())
+    )
+
+
 @functools.cache
 def _int8_linear_class() -> type:
     """``bnb.nn.Linear8bitLt`` for inputs of any rank: its LLM.int8() matmul takes [T, in] and [B, T, in]
@@ -174,12 +230,61 @@ def _int8_linear_class() -> type:
     import bitsandbytes as bnb
 
     class Linear8bitLtAnyRank(bnb.nn.Linear8bitLt):
+        keeps_rows_apart = True
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if _outliers_shared(x, self.state.threshold):
+                return split_rows(self.forward, x)
             if x.dim() <= 3:
                 return super().forward(x)
             return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
     return Linear8bitLtAnyRank
+
+
+@functools.cache
+def _nf4_linear_class() -> type:
+    """``bnb.nn.Linear4bit`` with two changes that keep its numbers.
+
+    * In a forward that must keep rows apart (``rowexact``) it runs one row per call: bitsandbytes
+      takes another path for one row (a GEMV, the bias added after it).
+    * On CPU, where bitsandbytes' 4-bit matmul is ``dequantize_4bit`` then ``F.linear`` at every
+      call (its ``gemv_4bit`` for one row of a multiple of the block size, ``MatMul4Bit``
+      otherwise), the dequantized weight is kept and the same two paths are taken without the
+      repeated work (``tests/test_shadow.py`` compares them bit for bit).
+    """
+    import bitsandbytes as bnb
+
+    class Linear4bitRows(bnb.nn.Linear4bit):
+        keeps_rows_apart = True
+
+        _kept_weight: torch.Tensor | None = None
+
+        def _apply(self, fn, recurse=True):
+            self._kept_weight = None  # moved or cast: dequantize again
+            return super()._apply(fn, recurse)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if rowexact.active() and x.numel() > x.shape[-1]:
+                return split_rows(self.forward, x)
+            if x.device.type != "cpu" or self.compute_dtype is None:
+                return super().forward(x)
+            weight = self._kept_weight
+            if weight is None:
+                weight = self._kept_weight = bnb.functional.dequantize_4bit(
+                    self.weight.data, self.weight.quant_state
+                )
+            a = x.to(self.compute_dtype)
+            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+            if a.numel() == a.shape[-1] and a.shape[-1] % self.weight.quant_state.blocksize == 0:
+                out = nn.functional.linear(a, weight.to(a.dtype))  # bitsandbytes' gemv_4bit branch
+                if bias is not None:
+                    out += bias
+            else:
+                out = nn.functional.linear(a, weight.to(a.dtype), bias)
+            return out.to(x.dtype)
+
+    return Linear4bitRows
 
 
 def quantize_linear(
@@ -201,7 +306,7 @@ def quantize_linear(
         )
         q.weight = bnb.nn.Int8Params(w16.cpu(), requires_grad=False, has_fp16_weights=False)
     elif precision == "nf4":
-        q = bnb.nn.Linear4bit(
+        q = _nf4_linear_class()(
             linear.in_features,
             linear.out_features,
             bias=bias,

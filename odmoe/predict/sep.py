@@ -28,8 +28,9 @@ additionally overwrites its whole prompt KV with the full model's after prefill 
 ``emulate`` is the reference implementation. ``replay`` takes the fastest path that computes the
 same thing: with token alignment every iteration the shadow's inputs are known, so every iteration
 runs in one forward pass (``replay_parallel``, attention over the full model's and the shadow's own
-K/V under ``mixed_mask``); every other mode runs all prompts as one batch (``emulate_batch``). Both
-agree with ``emulate`` up to the rounding of batched kernels (``docs/sep.md``, "Fast replay").
+K/V under ``mixed_mask``), which agrees with ``emulate`` up to the rounding of its larger products;
+every other mode runs the prompts of each length as one batch (``emulate_batch``), row-exact
+(``odmoe.models.rowexact``), so bit for bit ``emulate``'s (``docs/sep.md``, "Fast replay").
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from odmoe.decoding import next_token
 from odmoe.errors import OdmoeError
 from odmoe.models.adapter import MoEAdapter
+from odmoe.models.rowexact import row_exact
 from odmoe.predict.shadow import Shadow
 from odmoe.trace import PaddedBatch, Trace, forward_step, reference_decode, reference_decode_batch
 
@@ -148,7 +150,8 @@ def record_reference(model, adapter: MoEAdapter, prompt_id: str, prompt, output_
             [(layer.keys[0, :, rows].clone(), layer.values[0, :, rows].clone()) for layer in cache.layers]
         )
 
-    trace = reference_decode(model, adapter, prompt_id, prompt, output_len, on_step=keep)
+    with row_exact(model, adapter):
+        trace = reference_decode(model, adapter, prompt_id, prompt, output_len, on_step=keep)
     prompt_kv, steps = snapshots[0], snapshots[1:]
     decode_kv = [
         (torch.stack([s[i][0] for s in steps]), torch.stack([s[i][1] for s in steps]))
@@ -157,11 +160,36 @@ def record_reference(model, adapter: MoEAdapter, prompt_id: str, prompt, output_
     return ReferenceRecord(trace, prompt_kv, decode_kv)
 
 
+def by_length(items: Sequence, length: Callable[[object], int], batch: Callable[[list], list]) -> list:
+    """``batch`` over the items of each length, its results back in the items' order: a batch of one
+    length has no padding, so it can be row-exact."""
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(length(item), []).append(i)
+    out: list = [None] * len(items)
+    for indices in groups.values():
+        for i, result in zip(indices, batch([items[i] for i in indices]), strict=True):
+            out[i] = result
+    return out
+
+
 @torch.inference_mode()
 def record_references(
     model, adapter: MoEAdapter, prompts: Sequence[tuple[str, Iterable[int]]], output_len: int
 ) -> list[ReferenceRecord]:
-    """``record_reference`` of several (prompt_id, prompt) pairs as one batched decode."""
+    """``record_reference`` of several (prompt_id, prompt) pairs, one batched decode per prompt length:
+    bit for bit the batch-1 records (``rowexact``)."""
+
+    def batch(part: list[tuple[str, list[int]]]) -> list[ReferenceRecord]:
+        with row_exact(model, adapter):
+            return _record_batch(model, adapter, part, output_len)
+
+    return by_length([(pid, list(p)) for pid, p in prompts], lambda p: len(p[1]), batch)
+
+
+def _record_batch(
+    model, adapter: MoEAdapter, prompts: Sequence[tuple[str, Iterable[int]]], output_len: int
+) -> list[ReferenceRecord]:
     prompt_kv: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     steps: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per iteration, per layer: [B, heads, dim]
 
@@ -228,6 +256,11 @@ def _overwrite_kv(
 @torch.inference_mode()
 def emulate(shadow: Shadow, record: ReferenceRecord, alignment: Alignment) -> Emulation:
     """Run ``shadow`` over the record's prompt for as many iterations as the record, aligning as told."""
+    with row_exact(shadow.model, shadow.adapter):
+        return _emulate(shadow, record, alignment)
+
+
+def _emulate(shadow: Shadow, record: ReferenceRecord, alignment: Alignment) -> Emulation:
     model = shadow.model
     device = next(model.parameters()).device
     trace = record.trace
@@ -437,10 +470,18 @@ def emulate_batch(
 
     Prompts are left-padded (``odmoe.trace.PaddedBatch``); each row aligns, picks its own tokens and
     has its KV overwritten exactly as ``emulate`` does for it alone. The records must have the same
-    number of output tokens.
+    number of output tokens. With prompts of one length (no padding) every row is ``emulate``'s bit
+    for bit (``rowexact``); padded rows attend under a mask, which rounds differently.
     """
     if not records:
         return []
+    with row_exact(shadow.model, shadow.adapter):
+        return _emulate_batch(shadow, records, alignment)
+
+
+def _emulate_batch(
+    shadow: Shadow, records: Sequence[ReferenceRecord], alignment: Alignment
+) -> list[Emulation]:
     out_len = records[0].output_len
     if any(r.output_len != out_len for r in records):
         raise OdmoeError("emulate_batch needs records with the same output length; batch them by length")
@@ -511,8 +552,8 @@ def replay(
     """Every record's emulation by the fastest exact path; returns them and the path taken.
 
     ``auto``: ``replay_parallel`` per record where it applies (token period 1), else
-    ``emulate_batch`` over all records; ``sequential``: ``emulate`` one record at a time (the
-    reference implementation).
+    ``emulate_batch`` over the records of each prompt length (bit for bit ``emulate``'s);
+    ``sequential``: ``emulate`` one record at a time (the reference implementation).
     """
     if method not in REPLAYS:
         raise OdmoeError(
@@ -522,4 +563,7 @@ def replay(
         return [emulate(shadow, r, alignment) for r in records], "sequential"
     if records and all(parallel_blocker(shadow, r, alignment) is None for r in records):
         return [replay_parallel(shadow, r, alignment) for r in records], "parallel"
-    return emulate_batch(shadow, records, alignment), "batched"
+    batch = by_length(
+        records, lambda r: len(r.trace.prompt), lambda part: emulate_batch(shadow, part, alignment)
+    )
+    return batch, "batched"
