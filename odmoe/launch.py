@@ -199,8 +199,9 @@ def _bad_input(error: OdmoeError) -> None:
 # CPU ranks are forked from one server process that has imported torch, transformers and the roles once
 # (the standard library's forkserver), not started as fresh interpreters: each fresh interpreter spends
 # ~5 s of CPU on imports, which on a 2-core laptop is most of a small cluster's start-up. Fork is safe
-# there because the server has run no torch op (no thread pool). Ranks that may touch CUDA start as
-# fresh interpreters ("spawn"): nothing imported before them can have initialized CUDA.
+# there because the server has run no torch op (no thread pool). Ranks that may touch CUDA (device cuda,
+# or auto where CUDA is available) start as fresh interpreters ("spawn"): nothing imported before them
+# can have initialized CUDA.
 _PRELOAD = [
     "torch",
     "transformers",
@@ -246,7 +247,9 @@ def _rank_process(argv: list[str], env: dict, log_path: str) -> None:
 def _rank_context(device: str):
     import multiprocessing
 
-    if device != "cpu":
+    import torch
+
+    if device != "cpu" and not (device == "auto" and not torch.cuda.is_available()):
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)

@@ -268,7 +268,8 @@ def reference_decode_batch(
     """``reference_decode`` of several (prompt_id, prompt) pairs at once, one batch row per prompt.
 
     Every row picks its tokens with ``odmoe.decoding.next_token`` on its own history, so each trace
-    is the batch-1 decode's up to the rounding of batched kernels (``tests/test_sep_fast.py``).
+    is the batch-1 decode's up to the rounding of batched kernels, and bit for bit with prompts of
+    one length inside ``odmoe.models.rowexact.row_exact`` (as ``record_references`` runs it).
     ``on_step`` sees the cache and the batch after prefill and after every decode iteration.
     """
     arrays = [np.asarray(list(p), dtype=np.int64) for _, p in prompts]

@@ -246,6 +246,17 @@ def test_script_without_main_guard_is_told_why_its_ranks_never_started(micro_mix
     assert "ended before it started" in res.stdout and "if __name__ == '__main__':" in res.stdout, res.stdout
 
 
+def test_ranks_are_forked_unless_they_may_touch_cuda():
+    """``device=auto`` on a machine without CUDA runs on CPU, so its ranks fork like ``cpu`` ones."""
+    from odmoe.launch import _rank_context
+
+    assert _rank_context("cpu").get_start_method() == "forkserver"
+    assert _rank_context("cuda").get_start_method() == "spawn"
+    assert _rank_context("auto").get_start_method() == (
+        "spawn" if torch.cuda.is_available() else "forkserver"
+    )
+
+
 def test_e2e_plan_runs_cached_once_per_clock_and_refuses_bad_lists():
     from experiments.e2e import plan
 
