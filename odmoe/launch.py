@@ -249,7 +249,8 @@ def _rank_context(device: str):
 
     import torch
 
-    if device != "cpu" and not (device == "auto" and not torch.cuda.is_available()):
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if not on_cpu:
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_runner import exp_command
 
 from odmoe.errors import OdmoeError
 from odmoe.paths import repo_root
@@ -27,13 +28,6 @@ from odmoe.paths import repo_root
 
 def _env(home: Path, **extra: str) -> dict:
     return {**os.environ, "ODMOE_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
-
-def _runner(results: Path, *args: str) -> list[str]:
-    flags = [a for a in args if a.startswith("-")]
-    return [sys.executable, "-m", "experiments.run", *flags, f"results_dir={results}"] + [
-        a for a in args if not a.startswith("-")
-    ]
 
 
 def _one_error_line(res: subprocess.CompletedProcess, expect: str) -> None:
@@ -60,7 +54,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, micro_mixtral_dir, odmoe
         (("+exp=reference", "model=local", f"model.path={truncated}"), "is truncated or corrupted"),
         (("+exp=e2e", "model=micro-mixtral", "system.workers=3"), "3 workers do not split into groups of 2"),
     ]
-    runs = run_side_by_side([_runner(results, *args) for args, _ in cases], env=_env(odmoe_home))
+    runs = run_side_by_side([exp_command(*args, results=results) for args, _ in cases], env=_env(odmoe_home))
     for (_, expect), res in zip(cases, runs, strict=True):
         _one_error_line(res, expect)
         assert "Traceback" not in res.stderr
@@ -209,7 +203,7 @@ def test_ctrl_c_during_training_checkpoints_and_the_rerun_resumes(tmp_path, micr
     """SIGINT mid-training: one line, exit 130, a checkpoint and no temporary model directory; the rerun
     resumes from that step (not from zero), and a SIGTERM there checkpoints again."""
     home, results = tmp_path / "home", tmp_path / "results"
-    cmd = _runner(results, "+exp=pretrain", "model=micro-mixtral")
+    cmd = exp_command("+exp=pretrain", "model=micro-mixtral", results=results)
     first = _Watched(cmd, _env(home))
     try:
         first.wait_for(r"train micro-mixtral: +\d+%\|[^|]*\| [1-9]\d*/150")  # a step has finished
@@ -375,12 +369,12 @@ def test_interrupted_experiment_resumes_to_the_uninterrupted_tables(
     tables. The uninterrupted run goes alongside, on the other core."""
     args, started = _RESUMABLE[exp]
     straight = subprocess.Popen(
-        _runner(tmp_path / "straight", *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        exp_command(*args, results=tmp_path / "straight"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True, env=_env(odmoe_home),
     )  # fmt: skip
     results = tmp_path / "resumed"
     run_dir = results / exp / "default"
-    run = _Watched(_runner(results, *args), _env(odmoe_home))
+    run = _Watched(exp_command(*args, results=results), _env(odmoe_home))
     children: list[int] = []
 
     def interruptible() -> bool:
@@ -401,7 +395,9 @@ def test_interrupted_experiment_resumes_to_the_uninterrupted_tables(
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["status"] == "interrupted" and meta["signal"] == sig.name
     assert not (run_dir / "summary.json").exists()
-    again = subprocess.run(_runner(results, *args), capture_output=True, text=True, env=_env(odmoe_home))
+    again = subprocess.run(
+        exp_command(*args, results=results), capture_output=True, text=True, env=_env(odmoe_home)
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((run_dir / "meta.json").read_text())["status"] == "complete"
     assert straight.wait(timeout=600) == 0, straight.stderr.read()[-2000:]

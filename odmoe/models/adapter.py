@@ -40,7 +40,7 @@ def eager_experts_forward(
     """The model's own eager expert loop (the reference computation); in a row-exact forward
     (``odmoe.models.rowexact``) one token at a time, as a batch-1 decode step runs it."""
     forward = type(module).forward.__wrapped__
-    if rowexact.active() and hidden_states.shape[0] > 1:
+    if rowexact.must_split(hidden_states):
         return torch.cat(
             [
                 forward(module, hidden_states[i : i + 1], top_k_index[i : i + 1], top_k_weights[i : i + 1])

@@ -30,14 +30,14 @@ from torch.overrides import TorchFunctionMode
 _depth = 0  # row_exact blocks entered and not left
 
 
-def active() -> bool:
-    """Whether forwards must keep rows apart now: a module that ``keeps_rows_apart`` asks before
-    computing several rows in one call."""
-    return _depth > 0
-
-
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.dim() >= 2 and x.shape[-1] else 1
+
+
+def must_split(x: torch.Tensor) -> bool:
+    """Whether a module that keeps rows apart itself (``keeps_rows_apart``) must compute ``x`` one row
+    at a time now: inside ``row_exact``, with more than one row."""
+    return _depth > 0 and _rows(x) > 1
 
 
 def split_rows(fn, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -67,7 +67,7 @@ def row_exact(model: nn.Module, adapter) -> Iterator[None]:
     """Within the block, every ``nn.Linear`` and router of ``model`` that gets more than one row runs
     under ``RowExact``, except modules that keep rows apart themselves (``keeps_rows_apart``: the
     quantized linears); routed experts do so too (``eager_experts_forward`` and the shadows'
-    ``QuantizedExperts`` ask ``active()``). Only those modules compute products; everything else
+    ``QuantizedExperts`` ask ``must_split``). Only those modules compute products; everything else
     runs outside the mode, which costs a Python call per torch call."""
     global _depth
     modules = [m for m in model.modules() if isinstance(m, nn.Linear)]

@@ -150,7 +150,7 @@ class QuantizedExperts(nn.Module):
             if self.int8_threshold > 0.0:
                 return ops.int8_mixed_scaled_mm.default(x, ca, data, sca, scale, outlier_cols, None)[0]
             return ops.int8_scaled_mm.default(ca, data, sca, scale, bias=None, dtype=x.dtype)
-        if rowexact.active() and x.numel() > x.shape[-1]:
+        if rowexact.must_split(x):
             return split_rows(self._linear, x, name, expert)
         if x.device.type == "cpu":
             return nn.functional.linear(x, self._nf4_weight(name, expert))
@@ -214,12 +214,7 @@ class QuantizedExperts(nn.Module):
 def _outliers_shared(x: torch.Tensor, threshold: float) -> bool:
     """Whether an LLM.int8() call on ``x`` would treat other rows' outlier columns as a row's own
     (it picks them over all rows), in a forward that must keep rows apart (``rowexact``)."""
-    return (
-        rowexact.active()
-        and threshold > 0.0
-        and x.numel() > x.shape[-1]
-        and bool((x.abs() >= threshold).any())
-    )
+    return threshold > 0.0 and rowexact.must_split(x) and bool((x.abs() >= threshold).any())
 
 
 @functools.cache
@@ -265,7 +260,7 @@ def _nf4_linear_class() -> type:
             return super()._apply(fn, recurse)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if rowexact.active() and x.numel() > x.shape[-1]:
+            if rowexact.must_split(x):
                 return split_rows(self.forward, x)
             if x.device.type != "cpu" or self.compute_dtype is None:
                 return super().forward(x)
