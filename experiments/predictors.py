@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from odmoe import signals
 from odmoe.data.prompts import embedded_prompts, load_prompts
 from odmoe.errors import OdmoeError
 from odmoe.metrics import label_metrics
@@ -364,11 +365,10 @@ def run(cfg, run: Run) -> dict:
             if p.name in prefetchers:
                 kept.setdefault(p.name, {})[c.prompt_id] = pr
             if c.prompt_id in todo:
-                for row in hits_by_d(p, pr, c):
-                    table.add({"predictor": p.name, "prompt_id": c.prompt_id, **row})
                 same = same_layer_rows(p, c)  # d = 0: the design point of the same-layer families
-                if same is not None:
-                    table.add({"predictor": p.name, "prompt_id": c.prompt_id, **same})
+                rows = [*hits_by_d(p, pr, c), *([same] if same is not None else [])]
+                with signals.deferred():  # all of the prompt's rows or none: d = 1 marks it done
+                    table.add_many({"predictor": p.name, "prompt_id": c.prompt_id, **row} for row in rows)
         eval_s[p.name] = round(time.perf_counter() - t0, 2)
     design = {p.name: p.max_lookahead for p in preds}
     frame = table.frame()

@@ -6,10 +6,13 @@ Why: a researcher stops runs with Ctrl-C or a batch system's SIGTERM. Python's d
 both signals raise :class:`Interrupted` in the main thread, so ``with`` blocks and ``finally`` clauses
 run (process pools are terminated, spawned ranks killed, temporary files removed) and the runner can
 record the status. A process forked from the one that installed the handlers (a ``multiprocessing``
-worker) does not inherit that behaviour: it dies of the signal as usual, silently.
+worker) starts with the default action restored (``os.register_at_fork``), so it dies of the signal at
+once, silently, even inside a long C call where a Python handler would never run (and its parent,
+terminating the pool, would wait for it forever).
 
-Work that must not stop half-way (a training step) runs inside :func:`deferred`: a signal there is only
-noted, and the loop asks :meth:`Deferred.pending` at a safe point (after a checkpoint) and then raises.
+Work that must not stop half-way (a training step; the rows of one unit of results, which a resumed
+run must find all or none of) runs inside :func:`deferred`: a signal there is only noted, and the caller
+raises at a safe point (at the latest, leaving the outermost block raises).
 """
 
 from __future__ import annotations
@@ -44,15 +47,11 @@ class Interrupted(KeyboardInterrupt):
         return f"odmoe: interrupted by {self.name}; {RESUME_HINT}"
 
 
-_owner_pid: int | None = None
 _raised = False
+_deferring: Deferred | None = None  # the outermost ``deferred`` block in progress, if any
 
 
 def _raise(signum: int, frame) -> None:
-    if os.getpid() != _owner_pid:  # a forked worker: die of the signal as if no handler were installed
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
     if _raised:  # a second signal while the first one unwinds: let the cleanup finish
         return
     _interrupt(signum)
@@ -65,9 +64,9 @@ def _interrupt(signum: int) -> None:
 
 
 def install() -> None:
-    """Make SIGINT and SIGTERM raise :class:`Interrupted` in this (main) thread."""
-    global _owner_pid, _raised
-    _owner_pid, _raised = os.getpid(), False
+    """Make SIGINT and SIGTERM raise :class:`Interrupted` in this (main) thread, and not in its forks."""
+    global _raised
+    _raised = False
     for signum in HANDLED:
         signal.signal(signum, _raise)
 
@@ -85,29 +84,40 @@ class Deferred:
         if self.signum is not None:
             _interrupt(self.signum)
 
+    def note(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+
 
 @contextmanager
 def deferred() -> Iterator[Deferred]:
     """Note SIGINT/SIGTERM instead of acting on them; the caller raises at a safe point (at the latest,
-    leaving the block raises :class:`Interrupted`). Outside the main thread (where handlers cannot be set) signals are not deferred."""
-    state = Deferred()
-    if threading.current_thread() is not threading.main_thread():
-        yield state
+    leaving the block raises :class:`Interrupted`). A block inside another one shares the outer block's
+    state and leaves the raising to it. Outside the main thread (where handlers cannot be set) signals
+    are not deferred."""
+    global _deferring
+    if _deferring is not None or threading.current_thread() is not threading.main_thread():
+        yield _deferring or Deferred()
         return
-    pid = os.getpid()
-
-    def note(signum: int, frame) -> None:
-        if os.getpid() != pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        if state.signum is None:
-            state.signum = signum
-
-    previous = {s: signal.signal(s, note) for s in HANDLED}
+    state = _deferring = Deferred()
+    previous = {s: signal.signal(s, state.note) for s in HANDLED}
     try:
         yield state
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _deferring = None
     state.raise_if_pending()  # a signal noted after the caller's last safe point still ends the run
+
+
+def _default_in_child() -> None:
+    """A fork starts with the default action wherever this module's handlers were installed."""
+    global _deferring
+    _deferring = None
+    for signum in HANDLED:
+        handler = signal.getsignal(signum)
+        if handler is _raise or getattr(handler, "__func__", None) is Deferred.note:
+            signal.signal(signum, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_in_child)

@@ -33,13 +33,15 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
+from odmoe import signals
 from odmoe.errors import OdmoeError
 from odmoe.metrics import hits
 from odmoe.models.load import LoadedModel
@@ -208,13 +210,16 @@ def _replay_unit(unit: tuple[Config, list[int]]) -> dict[str, list]:
     return out
 
 
-def _pool_map(fn, items: list, workers: int, ordered: bool = True):
-    """``fn`` over ``items``: in this process, or in ``workers`` forked processes (one thread each)."""
+@contextmanager
+def _pool_map(fn, items: list, workers: int, ordered: bool = True) -> Iterator[Iterator]:
+    """``fn`` over ``items``: in this process, or in ``workers`` forked processes (one thread each).
+    A block, not a generator, so that leaving it (also by a signal raised in the caller's loop)
+    terminates the pool at once, not whenever a suspended generator is collected."""
     if workers == 1 or len(items) == 1:
-        yield from map(fn, items)
+        yield map(fn, items)
         return
     with mp.get_context("fork").Pool(min(workers, len(items)), initializer=_init_worker) as pool:
-        yield from (pool.imap if ordered else pool.imap_unordered)(fn, items)
+        yield (pool.imap if ordered else pool.imap_unordered)(fn, items)
 
 
 def _auto_chunk(chunk: list, workers: int, write, bar) -> None:
@@ -223,10 +228,11 @@ def _auto_chunk(chunk: list, workers: int, write, bar) -> None:
     (the sequential-by-nature ones first: they are the long ones)."""
     shares = [[(pid, ids) for pid, ids, _ in chunk[i::workers]] for i in range(workers)]
     records: dict[str, ReferenceRecord] = {}
-    for records_part, seconds in _pool_map(_record_group, [s for s in shares if s], workers):
-        _save_traces(records_part)
-        write({REFERENCES: _reference_rows(records_part, seconds / len(records_part), len(records_part))})
-        records |= {r.trace.prompt_id: r for r in records_part}
+    with _pool_map(_record_group, [s for s in shares if s], workers) as results:
+        for records_part, seconds in results:
+            _save_traces(records_part)
+            write({REFERENCES: _reference_rows(records_part, seconds / len(records_part), len(records_part))})
+            records |= {r.trace.prompt_id: r for r in records_part}
     _WORK["records"] = [records[pid] for pid, _, _ in chunk]
     units = []
     for cfg in _WORK["configs"]:
@@ -234,9 +240,10 @@ def _auto_chunk(chunk: list, workers: int, write, bar) -> None:
         if indices:
             units.append((cfg, indices))
     units.sort(key=lambda u: u[0].alignment.token_period == 1)  # batched (long) units first
-    for result in _pool_map(_replay_unit, units, workers, ordered=False):
-        write(result)
-        bar.update(len(result[RUNS]))
+    with _pool_map(_replay_unit, units, workers, ordered=False) as results:
+        for result in results:
+            write(result)
+            bar.update(len(result[RUNS]))
 
 
 def shadow_bytes_rows(
@@ -323,20 +330,22 @@ def evaluate(
     )
 
     def write(result: dict[str, list]) -> None:
-        for name in (TOKENS, LAYERS, REFERENCES, RUNS):  # the run rows last: they mark a unit done
-            for row in result.get(name, []):
-                if name == REFERENCES and tables[name].done(prompt_id=row["prompt_id"]):
-                    continue
-                tables[name].add(row)
+        with signals.deferred():  # a unit's rows all or none: a resumed run redoes a unit without run rows
+            for name in (TOKENS, LAYERS, REFERENCES, RUNS):  # the run rows last: they mark a unit done
+                for row in result.get(name, []):
+                    if name == REFERENCES and tables[name].done(prompt_id=row["prompt_id"]):
+                        continue
+                    tables[name].add(row)
 
     t1 = time.perf_counter()
     units = sum(len(todo) for _, _, todo in tasks)
     try:
         bar = tqdm(total=units, desc=f"SEP recall ({replay} replay, {n_workers} worker(s))", leave=False)
         if replay == "sequential":
-            for result in _pool_map(_sequential_prompt, tasks, n_workers, ordered=False):
-                write(result)
-                bar.update(len(result[RUNS]))
+            with _pool_map(_sequential_prompt, tasks, n_workers, ordered=False) as results:
+                for result in results:
+                    write(result)
+                    bar.update(len(result[RUNS]))
         else:
             for i in range(0, len(tasks), int(batch_prompts)):
                 _auto_chunk(tasks[i : i + int(batch_prompts)], n_workers, write, bar)
