@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -182,7 +182,7 @@ class OffloadEngine:
         self.device = next(self.model.parameters()).device
         self.timing = timing or Timing("wall" if self.device.type == "cuda" else "measured")
         if not policy.on_device:  # CPU-only: the host computes, at its own speed
-            self.timing = Timing(self.timing.mode, self.timing.shape, 1.0)
+            self.timing = replace(self.timing, scale=1.0)
             if self.timing.mode == "modelled":
                 hardware.need("host.mem_bandwidth", "host.flops")
                 hardware = hardware.with_(main=hardware.host)
@@ -231,7 +231,7 @@ class OffloadEngine:
 
     # ---- setup -----------------------------------------------------------------------------
     def _new_clock(self) -> Clock:
-        return Clock(self.timing.mode, self.timing.scale)
+        return self.timing.clock()
 
     def _new_ledger(self) -> Ledger:
         memory = self.hardware.main.memory if self.policy.on_device else None

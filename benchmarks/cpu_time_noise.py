@@ -7,7 +7,9 @@ One process pinned to CPU 0 decodes ``--steps`` tokens of the embedded model at 
 in turn: alone; beside a busy process pinned to the other CPU; beside one pinned to the same CPU (so the
 two are time-sliced). The work is identical every time, so the spread of CPU time *alone* is what the
 host adds by itself (other guests of a cloud host, frequency, caches), and the other two rows show what a
-neighbour adds. A ``measured`` comparison cannot be finer than that floor. Linux only (CPU affinity).
+neighbour adds. A ``measured`` comparison cannot be finer than that floor. After every step the speed probe
+of ``timing.calibrate`` (``odmoe.clock.probe_seconds``) runs, and ``calibrated_s`` charges each step as the
+calibrated clock would: its CPU time times the profile's ``probe_seconds`` over the probe. Linux only.
 Writes ``runs.csv`` and ``summary.json`` under ``results/benchmarks/cpu_time_noise/<name>/``.
 """
 
@@ -24,6 +26,8 @@ import pandas as pd
 import torch
 from transformers import DynamicCache
 
+from odmoe.clock import probe_seconds
+from odmoe.hardware import load_profile
 from odmoe.models.load import load_model
 from odmoe.results import machine
 
@@ -38,14 +42,19 @@ def _spin(cpu: int, stop: float) -> None:
 
 
 @torch.inference_mode()
-def _decode(model, steps: int) -> tuple[float, float]:
+def _decode(model, steps: int, reference_probe: float) -> dict[str, float]:
+    """CPU, calibrated and wall seconds of ``steps`` decode steps (the probes between them not counted)."""
     cache = DynamicCache(config=model.config)
     out = model(input_ids=torch.arange(5, 13)[None], cache=cache, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
-    cpu0, wall0 = time.thread_time(), time.perf_counter()
+    cpu = calibrated = wall = 0.0
     for _ in range(steps):
+        cpu0, wall0 = time.thread_time(), time.perf_counter()
         token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    return time.thread_time() - cpu0, time.perf_counter() - wall0
+        step, wall = time.thread_time() - cpu0, wall + time.perf_counter() - wall0
+        cpu += step
+        calibrated += step * reference_probe / probe_seconds()
+    return {"cpu_s": cpu, "calibrated_s": calibrated, "wall_s": wall}
 
 
 def main() -> None:
@@ -53,6 +62,9 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-mixtral")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument(
+        "--profile", default="cpu-emulated", help="hardware profile whose probe_seconds calibrates"
+    )
     ap.add_argument("--name", default="default")
     args = ap.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
@@ -61,8 +73,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     os.sched_setaffinity(0, {0})
+    reference_probe = load_profile(args.profile).probe_seconds
+    if not reference_probe:
+        raise SystemExit(
+            f"hardware profile {args.profile} has no probe_seconds; pick one that has (cpu-emulated)"
+        )
     model = load_model(args.model).model
-    _decode(model, args.steps)  # warm-up
+    _decode(model, args.steps, reference_probe)  # warm-up
     rows = []
     for condition, cpu in CONDITIONS.items():
         hog = None
@@ -72,18 +89,28 @@ def main() -> None:
             time.sleep(0.5)
         try:
             for rep in range(args.repeats):
-                cpu_s, wall_s = _decode(model, args.steps)
-                rows.append({"condition": condition, "repeat": rep, "cpu_s": cpu_s, "wall_s": wall_s})
+                rows.append(
+                    {"condition": condition, "repeat": rep, **_decode(model, args.steps, reference_probe)}
+                )
         finally:
             if hog is not None:
                 hog.terminate()
                 hog.join()
     runs = pd.DataFrame(rows)
     runs.to_csv(out / "runs.csv", index=False)
-    stats = runs.groupby("condition", sort=False)["cpu_s"].agg(["min", "median", "max"])
-    stats["spread"] = (stats["max"] - stats["min"]) / stats["median"]
-    stats["median_vs_alone"] = stats["median"] / stats.loc["alone", "median"] - 1
-    summary = {"args": vars(args), "machine": machine(), "by_condition": stats.to_dict(orient="index")}
+    frames = []
+    for clock in ("cpu_s", "calibrated_s"):
+        stats = runs.groupby("condition", sort=False)[clock].agg(["min", "median", "max"])
+        stats["spread"] = (stats["max"] - stats["min"]) / stats["median"]
+        stats["median_vs_alone"] = stats["median"] / stats.loc["alone", "median"] - 1
+        frames.append(stats.assign(clock=clock).set_index("clock", append=True))
+    stats = pd.concat(frames)
+    summary = {
+        "args": vars(args),
+        "reference_probe_s": reference_probe,
+        "machine": machine(),
+        "by_condition": {f"{c}/{k}": v for (c, k), v in stats.to_dict(orient="index").items()},
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(stats.to_string(float_format=lambda v: f"{v:.4f}"))
 

@@ -15,6 +15,17 @@ distributed programs do (SimGrid's SMPI, parallel discrete-event simulation):
 * transfers go through :class:`odmoe.costs.Link` FIFOs in virtual time, and waiting for a message or a copy
   is ``V = max(V, t)``. Nothing sleeps.
 
+Thread CPU time does not count descheduled time, but on a shared (cloud) host the CPU itself runs the same
+work at speeds that drift by tens of percent over seconds (other guests in the caches and memory; see
+docs/runtime.md, "Host invariance"). ``timing.calibrate=true`` normalizes that away: every
+``PROBE_INTERVAL`` of compute the clock times a fixed probe (:func:`probe_seconds`: small products and
+elementwise ops, the shape of a small model's decode step) and charges the compute since the previous
+sync at ``profile.probe_seconds / probe`` host seconds per host second, i.e. at the speed the host had
+when the profile's ``probe_seconds`` was measured. The probe's own time is not charged. Our choice, where
+thread CPU time alone proved unrepeatable on a shared host: a correction by a neighbouring measurement of
+the host's speed, as in duet benchmarking, which holds only as far as the probe slows down with the
+workload; across CPU types it is approximate. Off by default.
+
 Beside ``V`` the clock keeps the *zero-stall bound* ``B``: the same compute and messages, but waits for
 expert copies cost nothing. Messages carry both times, so ``B`` at the end of a request is a true
 critical-path bound of what the same compute and hops give without a single stall.
@@ -30,9 +41,29 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+
 from odmoe.errors import OdmoeError
 
 TIMINGS = ("wall", "measured", "modelled")
+PROBE_INTERVAL = 5e-3  # host CPU seconds of compute between two probes of a calibrated measured clock
+_PROBE_X = torch.linspace(-1.0, 1.0, 96)[None]
+_PROBE_W = torch.linspace(-1.0, 1.0, 192 * 96).reshape(192, 96)
+
+
+def _probe_step() -> None:
+    torch.nn.functional.silu(torch.nn.functional.linear(_PROBE_X, _PROBE_W)).sum()
+
+
+def probe_seconds() -> float:
+    """Thread CPU seconds of one run of the fixed speed probe (40 x a 1 x 96 by 96 x 192 product, SiLU,
+    sum), after 10 untimed runs that bring its code and data back into the caches the workload used."""
+    for _ in range(10):
+        _probe_step()
+    t0 = time.thread_time()
+    for _ in range(40):
+        _probe_step()
+    return time.thread_time() - t0
 
 
 @dataclass(frozen=True)
@@ -42,13 +73,23 @@ class Timing:
     mode: str
     shape: str | None = None  # modelled: a shipped shape (mixtral-8x7b, ...) or None for the run's model
     scale: float = 1.0  # measured: target seconds per host CPU second (the profile's compute_scale)
+    probe: float | None = None  # calibrated measured: the profile's probe_seconds (None: not calibrated)
 
     @property
     def virtual(self) -> bool:
         return self.mode != "wall"
 
     def describe(self) -> dict:
-        return {"clock": self.mode, "shape": self.shape, "compute_scale": self.scale}
+        return {
+            "clock": self.mode,
+            "shape": self.shape,
+            "compute_scale": self.scale,
+            "probe_seconds": self.probe,
+        }
+
+    def clock(self) -> Clock:
+        """A fresh clock of this timing, for one executor."""
+        return Clock(self.mode, self.scale, self.probe)
 
 
 def resolve_timing(node, profile, device: str = "cpu") -> Timing:
@@ -73,7 +114,20 @@ def resolve_timing(node, profile, device: str = "cpu") -> Timing:
     if shape is not None and mode != "modelled":
         raise OdmoeError(f"timing.shape prices modelled compute; it needs timing=modelled, not {mode}")
     scale = float(getattr(profile, "compute_scale", None) or 1.0)
-    return Timing(mode, None if shape is None else str(shape), scale)
+    probe = None
+    if raw.get("calibrate"):
+        if mode != "measured":
+            raise OdmoeError(
+                f"timing.calibrate corrects thread CPU time; it needs timing=measured, not {mode}"
+            )
+        probe = getattr(profile, "probe_seconds", None)
+        if not probe:
+            raise OdmoeError(
+                f"timing.calibrate needs the hardware profile's probe_seconds, which {profile.name} lacks: "
+                "measure it on the reference host (the median of odmoe.clock.probe_seconds() over a quiet "
+                "minute) and set hardware.probe_seconds=VALUE"
+            )
+    return Timing(mode, None if shape is None else str(shape), scale, probe)
 
 
 class Clock:
@@ -82,10 +136,13 @@ class Clock:
     Use from the one thread whose compute it times (``measured`` reads that thread's CPU time).
     """
 
-    def __init__(self, mode: str = "measured", scale: float = 1.0):
+    def __init__(self, mode: str = "measured", scale: float = 1.0, probe: float | None = None):
         if mode not in TIMINGS:
             raise OdmoeError(f"unknown clock {mode!r}; use one of {', '.join(TIMINGS)}")
         self.mode, self.scale = mode, float(scale)
+        self.probe = probe if mode == "measured" else None  # the reference host's probe_seconds
+        self.speed = 1.0  # reference-host seconds per host second, from the last probe
+        self._since_probe = 0.0
         self.t = 0.0  # V at the last sync
         self.tb = 0.0  # B at the last sync
         self.stall = 0.0  # time V spent waiting for copies
@@ -105,7 +162,15 @@ class Clock:
     def _sync(self) -> None:
         if self._host is not None:
             h = self._host()
-            d = 0.0 if self._paused and self.mode == "measured" else (h - self._mark) * self.scale
+            d = 0.0 if self._paused and self.mode == "measured" else h - self._mark
+            if self.probe is not None and d > 0:
+                self._since_probe += d
+                if self._since_probe >= PROBE_INTERVAL:
+                    self._since_probe = 0.0
+                    self.speed = self.probe / probe_seconds()
+                    h = self._host()  # the probe's own time is not the system's
+                d *= self.speed
+            d *= self.scale
             self._mark = h
             self.t += d
             self.tb += d

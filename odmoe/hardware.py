@@ -63,6 +63,7 @@ class HardwareProfile:
     main_share: float | None = None  # fraction of layer_overhead on the attention side
     host_memory: float | None = None  # bytes of DRAM per worker
     compute_scale: float | None = None  # timing=measured: target seconds per host CPU second (default 1)
+    probe_seconds: float | None = None  # timing.calibrate: odmoe.clock.probe_seconds on the reference host
     sources: dict[str, str] = field(default_factory=dict)
 
     def need(self, *names: str) -> None:

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def spec_from_cfg(cfg, system: Any, jobs: list[dict], collect_logits: bool = Fal
             "decode": OmegaConf.to_container(m.decode) if m.get("decode") else None,
         },
         "hardware": hardware,
-        "timing": {"mode": timing.mode, "shape": timing.shape, "scale": timing.scale},
+        "timing": asdict(timing),
         "system": system,
         "device": device,
         "seed": int(cfg.get("seed", 0)),

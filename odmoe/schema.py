@@ -95,6 +95,7 @@ class HardwareSchema:
     main_share: float | None = _f(None, minimum=0)
     host_memory: float | None = _f(None, minimum=0)
     compute_scale: float | None = _f(None, minimum=0)
+    probe_seconds: float | None = _f(None, minimum=0)
     sources: dict[str, str] = field(default_factory=dict)
 
 
@@ -102,6 +103,7 @@ class HardwareSchema:
 class TimingSchema:
     mode: str = _f("auto", choices=("auto", "wall", "measured", "modelled"))
     shape: str | None = None
+    calibrate: bool = False
 
 
 # ---- systems (conf/system) -------------------------------------------------------------------

@@ -9,6 +9,7 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
+from odmoe import clock as clock_module
 from odmoe.clock import Clock, resolve_timing
 from odmoe.costs import Link
 from odmoe.errors import OdmoeError
@@ -38,6 +39,23 @@ def test_measured_clock_scales_and_pauses():
     with clock.paused():
         _spin(0.05)
     assert 0.04 <= clock.now() < 0.06
+
+
+def test_calibrated_clock_charges_at_the_reference_hosts_speed_and_not_the_probe(monkeypatch):
+    """The probe finds the host at half the reference speed: the same burst is charged half of its CPU
+    time, and the probe's own 30 ms are charged to nobody."""
+
+    def slow_host_probe() -> float:
+        _spin(0.03)
+        return 2e-3
+
+    monkeypatch.setattr(clock_module, "probe_seconds", slow_host_probe)
+    raw, calibrated = Clock("measured"), Clock("measured", probe=1e-3)
+    _spin(0.05)
+    burst = raw.now()
+    assert calibrated.now() == pytest.approx(0.5 * burst, rel=0.05) and calibrated.speed == 0.5
+    assert calibrated.now() - 0.5 * burst < 0.005  # the probe ran and was not charged
+    assert Clock("modelled", probe=1e-3).probe is None  # modelled time never reads the host
 
 
 def test_modelled_clock_advances_only_by_charges_and_waits():
@@ -90,3 +108,10 @@ def test_timing_resolution_and_its_errors():
         resolve_timing({"mode": "fast"}, emulated)
     with pytest.raises(OdmoeError, match="timing.shape .* needs timing=modelled"):
         resolve_timing({"mode": "measured", "shape": "mixtral-8x7b"}, emulated)
+    calibrated = resolve_timing({"mode": "measured", "calibrate": True}, emulated)
+    assert calibrated.probe == emulated.probe_seconds and calibrated.clock().probe == emulated.probe_seconds
+    assert resolve_timing({"mode": "measured"}, emulated).clock().probe is None  # off unless asked
+    with pytest.raises(OdmoeError, match="calibrate .* needs timing=measured, not modelled"):
+        resolve_timing({"mode": "modelled", "calibrate": True}, emulated)
+    with pytest.raises(OdmoeError, match="lacks: .* hardware.probe_seconds=VALUE"):
+        resolve_timing({"mode": "measured", "calibrate": True}, emulated.with_(probe_seconds=None))

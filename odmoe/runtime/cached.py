@@ -110,7 +110,7 @@ def run_cached(
             ledger.set("kv", 0)
             ledger.reset_peak()
             cache = DynamicCache(config=model.config)
-            clock = Clock(timing.mode, timing.scale)
+            clock = timing.clock()
             timer = LayerTimer(adapter, clock, pricer)
             t0 = clock.now()
             timer.begin_step(P, 0)

@@ -326,7 +326,7 @@ def connect(spec: dict[str, Any], layout: Layout, out_dir: Path | None) -> Node:
     profile = profile_from_config(spec["hardware"])
     role = Layout.role(rank)
     timing = Timing(**spec["timing"])
-    clock = Clock(timing.mode, timing.scale)
+    clock = timing.clock()
     costs = run_costs(timing, profile, _model_config(spec), formats_of(spec)) if timing.virtual else None
     load_bytes = costs.expert_bytes() if costs is not None else None
     device = make_device(profile, role, torch_device, clock, load_bytes)
