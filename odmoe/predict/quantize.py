@@ -42,13 +42,12 @@ def require_bitsandbytes(precision: str, device: torch.device | str) -> None:
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bf
-        from bitsandbytes.autograd._functions import MatmulLtState
 
         w = torch.linspace(-1, 1, 64 * 64, device=device).reshape(64, 64).half()
         x = torch.ones(1, 64, device=device, dtype=torch.float16)
         with torch.no_grad():
             if precision == "int8":
-                state = _int8_state(*bf.int8_vectorwise_quant(w)[:2], DEFAULT_INT8_THRESHOLD, MatmulLtState)
+                state = _int8_state(*bf.int8_vectorwise_quant(w)[:2], DEFAULT_INT8_THRESHOLD)
                 y = bnb.matmul(x, state.CB, state=state)
             else:
                 q, qs = bf.quantize_4bit(
@@ -65,11 +64,11 @@ def require_bitsandbytes(precision: str, device: torch.device | str) -> None:
         ) from None
 
 
-def _int8_state(cb: torch.Tensor, scb: torch.Tensor, threshold: float, state_cls=None):
+def _int8_state(cb: torch.Tensor, scb: torch.Tensor, threshold: float):
     """A bitsandbytes LLM.int8() matmul state for an already quantized weight (inference only)."""
-    if state_cls is None:
-        from bitsandbytes.autograd._functions import MatmulLtState as state_cls
-    state = state_cls()
+    from bitsandbytes.autograd._functions import MatmulLtState
+
+    state = MatmulLtState()
     state.CB, state.SCB = cb, scb
     state.threshold = threshold
     state.has_fp16_weights = False
