@@ -41,9 +41,10 @@ HOME = {"odmoe": "runtime"}  # a system's own executor; every other one's is the
 # what each `clock` value of table2.csv means (odmoe/clock.py)
 CLOCKS = {
     "measured": "every executor (each rank of the OD-MoE runtime, the offload engine, the fully cached model) "
-    "keeps a virtual clock: compute is the executing thread's CPU time times the profile's compute_scale, "
-    "host->device copies and messages queue on the profile's links in virtual time, waits are V = max(V, t); "
-    "nothing sleeps, so other jobs on the host do not enter",
+    "keeps a virtual clock: compute is the executing thread's CPU time (by default at the reference host's "
+    "speed, from a probe every 5 ms) times the profile's compute_scale, host->device copies and messages queue "
+    "on the profile's links in virtual time, waits are V = max(V, t); nothing sleeps, so a descheduled "
+    "executor is not charged (a neighbour sharing its core still slows it: docs/runtime.md, host invariance)",
     "modelled": "the same virtual clocks, with compute priced by the cost model (odmoe/costs.py) on the "
     "profile's devices at the model shape timing.shape; deterministic, the same on any host",
     "wall": "real elapsed time on real hardware (real CUDA copies and waits)",

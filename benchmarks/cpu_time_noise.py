@@ -7,10 +7,15 @@ One process pinned to CPU 0 decodes ``--steps`` tokens of the embedded model at 
 in turn: alone; beside a busy process pinned to the other CPU; beside one pinned to the same CPU (so the
 two are time-sliced). The work is identical every time, so the spread of CPU time *alone* is what the
 host adds by itself (other guests of a cloud host, frequency, caches), and the other two rows show what a
-neighbour adds. A ``measured`` comparison cannot be finer than that floor. After every step the speed probe
-of ``timing.calibrate`` (``odmoe.clock.probe_seconds``) runs, and ``calibrated_s`` charges each step as the
-calibrated clock would: its CPU time times the profile's ``probe_seconds`` over the probe. Linux only.
-Writes ``runs.csv`` and ``summary.json`` under ``results/benchmarks/cpu_time_noise/<name>/``.
+neighbour adds. A ``measured`` comparison cannot be finer than that floor.
+
+Before every step the speed probe of the calibrated clock (``odmoe.clock.probe_seconds``, a decoder block)
+runs, and ``calibrated_s`` charges each step as the clock does: its CPU time times the profile's
+``probe_seconds`` over the probe. Three other candidate probes run beside it (``product_s``: the clock's
+first probe, one 1 x 96 by 96 x 192 product; ``python_s``: a pure-Python loop; ``memory_s``: reductions over
+2 MB), each step charged at its probe's speed relative to that probe's median in the warm-up: the one whose
+correction leaves the least spread tracks the decode best. Linux only. Writes ``runs.csv`` and
+``summary.json`` under ``results/benchmarks/cpu_time_noise/<name>/``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from transformers import DynamicCache
@@ -41,20 +47,51 @@ def _spin(cpu: int, stop: float) -> None:
         pass
 
 
+_PRODUCT_X = torch.linspace(-1.0, 1.0, 96)[None]
+_PRODUCT_W = torch.linspace(-1.0, 1.0, 192 * 96).reshape(192, 96)
+_MEMORY = torch.linspace(-1.0, 1.0, 512 * 1024)  # 2 MB
+
+
+def _timed(fn, untimed: int, timed: int) -> float:
+    for _ in range(untimed):
+        fn()
+    t0 = time.thread_time()
+    for _ in range(timed):
+        fn()
+    return time.thread_time() - t0
+
+
+def _python_loop() -> int:
+    return sum(i * i % 7 for i in range(1000))
+
+
+CANDIDATES = {  # name -> a probe's thread CPU seconds (calibrated_s uses the clock's own, probe_seconds)
+    "product": lambda: _timed(lambda: torch.nn.functional.silu(_PRODUCT_X @ _PRODUCT_W.T).sum(), 10, 40),
+    "python": lambda: _timed(_python_loop, 0, 6),
+    "memory": lambda: _timed(_MEMORY.sum, 0, 8),
+}
+
+
 @torch.inference_mode()
-def _decode(model, steps: int, reference_probe: float) -> dict[str, float]:
-    """CPU, calibrated and wall seconds of ``steps`` decode steps (the probes between them not counted)."""
+def _decode(model, steps: int, reference: dict[str, float]) -> dict[str, float]:
+    """CPU, wall and probe-corrected seconds of ``steps`` decode steps (the probes between them not counted)."""
     cache = DynamicCache(config=model.config)
     out = model(input_ids=torch.arange(5, 13)[None], cache=cache, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
-    cpu = calibrated = wall = 0.0
+    totals = dict.fromkeys(["cpu_s", "wall_s", "calibrated_s", *(f"{n}_s" for n in CANDIDATES)], 0.0)
+    probes = {n: [] for n in ("calibrated", *CANDIDATES)}
     for _ in range(steps):
+        speeds = {"calibrated": reference["calibrated"] / probe_seconds()}
+        speeds.update({n: reference[n] / probe() for n, probe in CANDIDATES.items()})
         cpu0, wall0 = time.thread_time(), time.perf_counter()
         token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        step, wall = time.thread_time() - cpu0, wall + time.perf_counter() - wall0
-        cpu += step
-        calibrated += step * reference_probe / probe_seconds()
-    return {"cpu_s": cpu, "calibrated_s": calibrated, "wall_s": wall}
+        step = time.thread_time() - cpu0
+        totals["wall_s"] += time.perf_counter() - wall0
+        totals["cpu_s"] += step
+        for n, speed in speeds.items():
+            totals["calibrated_s" if n == "calibrated" else f"{n}_s"] += step * speed
+            probes[n].append(reference[n] / speed)
+    return totals | {f"probe_{n}_s": float(np.median(v)) for n, v in probes.items()}
 
 
 def main() -> None:
@@ -79,7 +116,9 @@ def main() -> None:
             f"hardware profile {args.profile} has no probe_seconds; pick one that has (cpu-emulated)"
         )
     model = load_model(args.model).model
-    _decode(model, args.steps, reference_probe)  # warm-up
+    ones = {"calibrated": reference_probe, **dict.fromkeys(CANDIDATES, 1.0)}
+    warm = _decode(model, args.steps, ones)  # warm-up; it also fixes the candidates' reference speeds
+    reference = {"calibrated": reference_probe, **{n: warm[f"probe_{n}_s"] for n in CANDIDATES}}
     rows = []
     for condition, cpu in CONDITIONS.items():
         hog = None
@@ -89,9 +128,7 @@ def main() -> None:
             time.sleep(0.5)
         try:
             for rep in range(args.repeats):
-                rows.append(
-                    {"condition": condition, "repeat": rep, **_decode(model, args.steps, reference_probe)}
-                )
+                rows.append({"condition": condition, "repeat": rep, **_decode(model, args.steps, reference)})
         finally:
             if hog is not None:
                 hog.terminate()
@@ -99,15 +136,16 @@ def main() -> None:
     runs = pd.DataFrame(rows)
     runs.to_csv(out / "runs.csv", index=False)
     frames = []
-    for clock in ("cpu_s", "calibrated_s"):
+    for clock in ("cpu_s", "calibrated_s", *(f"{n}_s" for n in CANDIDATES)):
         stats = runs.groupby("condition", sort=False)[clock].agg(["min", "median", "max"])
         stats["spread"] = (stats["max"] - stats["min"]) / stats["median"]
         stats["median_vs_alone"] = stats["median"] / stats.loc["alone", "median"] - 1
+        stats["cv_all_conditions"] = runs[clock].std() / runs[clock].mean()
         frames.append(stats.assign(clock=clock).set_index("clock", append=True))
     stats = pd.concat(frames)
     summary = {
         "args": vars(args),
-        "reference_probe_s": reference_probe,
+        "reference_probe_s": reference,
         "machine": machine(),
         "by_condition": {f"{c}/{k}": v for (c, k), v in stats.to_dict(orient="index").items()},
     }

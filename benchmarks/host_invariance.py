@@ -1,7 +1,7 @@
 """Host invariance of the virtual clock: the same Table 2 run on a quiet host and beside CPU hogs.
 
     python benchmarks/host_invariance.py [--hogs 2] [--clocks modelled measured] [--repeats 1]
-                                         [--calibrate] [--out results/benchmarks/host_invariance]
+                                         [--uncalibrated] [--out results/benchmarks/host_invariance]
 
 For each clock it runs ``+exp=e2e 'exp.systems=[cached,odmoe,mixtral_offloading]'`` on
 ``hardware=cpu-emulated`` alone, then with ``--hogs`` busy processes (pure-Python spin loops, one per core)
@@ -11,9 +11,9 @@ tok/s and TTFT per system, clock, condition and repeat, and ``steal``: the share
 its hypervisor gave to other guests during the run, from /proc/stat) and ``summary.json``: per system and
 clock, the relative difference between the medians of the loaded and the quiet runs, and the spread of
 each condition's runs ((max - min) / median), which is the host's own noise on that clock. It prints the
-table. ``benchmarks/cpu_time_noise.py`` measures that noise floor directly. ``--calibrate`` runs the
-``measured`` clock with ``timing.calibrate=true`` (odmoe/clock.py: thread CPU time at the reference host's
-speed, from a probe every 5 ms of compute).
+table. ``benchmarks/cpu_time_noise.py`` measures that noise floor directly. ``measured`` is the default
+calibrated clock (odmoe/clock.py: thread CPU time at the reference host's speed, from a probe every 5 ms of
+compute); ``--uncalibrated`` runs it with ``timing.calibrate=false`` (raw thread CPU time).
 
 Expected (odmoe/clock.py): ``modelled`` identical to the last digit; ``measured`` within a few percent (thread
 CPU time does not count time a thread is descheduled, but shared caches and memory bandwidth still slow it).
@@ -51,12 +51,12 @@ def _cpu_jiffies() -> tuple[int, int]:
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
-def run_e2e(timing: str, name: str, results: Path, hogs: int, calibrate: bool = False) -> pd.DataFrame:
+def run_e2e(timing: str, name: str, results: Path, hogs: int, calibrate: bool = True) -> pd.DataFrame:
     cmd = [
         sys.executable, "-m", "experiments.run", "+exp=e2e", f"timing={timing}", "hardware=cpu-emulated",
         f"exp.systems={SYSTEMS}", "exp.workloads=[[16,64]]", "exp.num_prompts=2",
         f"results_dir={results}", f"run={name}",
-    ] + (["timing.calibrate=true"] if calibrate and timing == "measured" else [])  # fmt: skip
+    ] + ([] if calibrate or timing != "measured" else ["timing.calibrate=false"])  # fmt: skip
     procs = []
     steal0, total0 = _cpu_jiffies()
     proc = subprocess.Popen(cmd, cwd=ROOT)
@@ -85,14 +85,18 @@ def main() -> None:
     ap.add_argument("--hogs", type=int, default=2)
     ap.add_argument("--clocks", nargs="+", default=["modelled", "measured"], choices=["modelled", "measured"])
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--calibrate", action="store_true", help="measured with timing.calibrate=true")
+    ap.add_argument("--uncalibrated", action="store_true", help="measured with timing.calibrate=false")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "host_invariance")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     frames = [
         run_e2e(
-            timing, f"{stamp}-{timing}-{'loaded' if hogs else 'quiet'}-{rep}", args.out, hogs, args.calibrate
+            timing,
+            f"{stamp}-{timing}-{'loaded' if hogs else 'quiet'}-{rep}",
+            args.out,
+            hogs,
+            not args.uncalibrated,
         ).assign(repeat=rep)
         for timing in args.clocks
         for rep in range(args.repeats)
@@ -117,7 +121,7 @@ def main() -> None:
     for condition in ("quiet", "loaded"):
         wide[f"spread_{condition}"] = by.apply(_spread).unstack("condition")[condition]
     summary = {f"{t}/{s}/{e}": {k: float(v) for k, v in row.items()} for (t, s, e), row in wide.iterrows()}
-    summary.update(hogs=args.hogs, repeats=args.repeats, calibrate=args.calibrate)
+    summary.update(hogs=args.hogs, repeats=args.repeats, calibrate=not args.uncalibrated)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(wide.to_string(float_format=lambda v: f"{v:.6g}"))
 

@@ -372,6 +372,7 @@ def _note(lm: LoadedModel, hardware: HardwareProfile, timing: Timing, depth: flo
         f"compute priced by the cost model at shape `{timing.shape or lm.name}`"
         if timing.mode == "modelled"
         else "compute measured as each executor's thread CPU time"
+        + (" at the reference host's speed (calibrated by a probe)" if timing.probe else " (uncalibrated)")
     )
     kind = (
         f"**emulated**, clock `{timing.mode}`: {priced}, device memory ledgered, host->device loads over the "

@@ -17,14 +17,15 @@ distributed programs do (SimGrid's SMPI, parallel discrete-event simulation):
 
 Thread CPU time does not count descheduled time, but on a shared (cloud) host the CPU itself runs the same
 work at speeds that drift by tens of percent over seconds (other guests in the caches and memory; see
-docs/runtime.md, "Host invariance"). ``timing.calibrate=true`` normalizes that away: every
-``PROBE_INTERVAL`` of compute the clock times a fixed probe (:func:`probe_seconds`: small products and
-elementwise ops, the shape of a small model's decode step) and charges the compute since the previous
+docs/runtime.md, "Host invariance"). The calibrated clock (the default) normalizes that away: every
+``PROBE_INTERVAL`` of compute the clock times a fixed probe (:func:`probe_seconds`: a small decoder block at
+batch 1, the op mix of a small model's decode step) and charges the compute since the previous
 sync at ``profile.probe_seconds / probe`` host seconds per host second, i.e. at the speed the host had
 when the profile's ``probe_seconds`` was measured. The probe's own time is not charged. Our choice, where
 thread CPU time alone proved unrepeatable on a shared host: a correction by a neighbouring measurement of
 the host's speed, as in duet benchmarking, which holds only as far as the probe slows down with the
-workload; across CPU types it is approximate. Off by default.
+workload; across CPU types it is approximate. On by default (``timing.calibrate=false``: raw thread CPU
+time).
 
 Beside ``V`` the clock keeps the *zero-stall bound* ``B``: the same compute and messages, but waits for
 expert copies cost nothing. Messages carry both times, so ``B`` at the end of a request is a true
@@ -47,23 +48,49 @@ from odmoe.errors import OdmoeError
 
 TIMINGS = ("wall", "measured", "modelled")
 PROBE_INTERVAL = 5e-3  # host CPU seconds of compute between two probes of a calibrated measured clock
-_PROBE_X = torch.linspace(-1.0, 1.0, 96)[None]
-_PROBE_W = torch.linspace(-1.0, 1.0, 192 * 96).reshape(192, 96)
 
 
-def _probe_step() -> None:
-    torch.nn.functional.silu(torch.nn.functional.linear(_PROBE_X, _PROBE_W)).sum()
+def _probe_weights(*shape: int) -> torch.Tensor:
+    return torch.linspace(-0.1, 0.1, torch.Size(shape).numel()).reshape(shape)
+
+
+# The probe: one pre-norm decoder block at batch 1 (hidden 96, 4 heads, 32 cached keys, gated MLP of 192),
+# the op mix of a small model's decode step. Chosen over a single product (the first probe) because it
+# follows the embedded model's decode speed closer across the host's drift: side by side on the 2-core
+# host the decode time it corrects has a 6.6% coefficient of variation against 9.8% (docs/clock.md).
+_PROBE = {
+    "x": _probe_weights(1, 1, 96),
+    "norm": torch.ones(96),
+    "qkv": _probe_weights(288, 96),
+    "k": _probe_weights(1, 4, 32, 24),
+    "v": _probe_weights(1, 4, 32, 24).flip(-1),
+    "o": _probe_weights(96, 96),
+    "gate_up": _probe_weights(384, 96),
+    "down": _probe_weights(96, 192),
+}
+
+
+def _probe_block() -> None:
+    w, F = _PROBE, torch.nn.functional
+    x = w["x"]
+    q = F.linear(F.rms_norm(x, (96,), w["norm"]), w["qkv"])[..., :96].view(1, 1, 4, 24).transpose(1, 2)
+    x = x + F.linear(
+        F.scaled_dot_product_attention(q, w["k"], w["v"]).transpose(1, 2).reshape(1, 1, 96), w["o"]
+    )
+    gate, up = F.linear(F.rms_norm(x, (96,), w["norm"]), w["gate_up"]).chunk(2, -1)
+    (x + F.linear(F.silu(gate) * up, w["down"])).sum()
 
 
 def probe_seconds() -> float:
-    """Thread CPU seconds of one run of the fixed speed probe (40 x a 1 x 96 by 96 x 192 product, SiLU,
-    sum), after 10 untimed runs that bring its code and data back into the caches the workload used."""
-    for _ in range(10):
-        _probe_step()
-    t0 = time.thread_time()
-    for _ in range(40):
-        _probe_step()
-    return time.thread_time() - t0
+    """Thread CPU seconds of one run of the fixed speed probe (6 passes of the decoder block above), after
+    2 untimed passes that bring its code and data back into the caches the workload used."""
+    with torch.inference_mode():
+        for _ in range(2):
+            _probe_block()
+        t0 = time.thread_time()
+        for _ in range(6):
+            _probe_block()
+        return time.thread_time() - t0
 
 
 @dataclass(frozen=True)
@@ -94,7 +121,8 @@ class Timing:
 
 def resolve_timing(node, profile, device: str = "cpu") -> Timing:
     """The run's timing from the ``timing`` config node (``mode: auto`` picks ``measured`` on an emulated
-    profile and ``wall`` otherwise); every impossible combination is one clear error."""
+    profile and ``wall`` otherwise; ``calibrate``, unset, is on where the clock is ``measured``);
+    every impossible combination is one clear error."""
     raw = dict(node or {})
     mode = str(raw.get("mode", "auto"))
     if mode == "auto":
@@ -114,18 +142,17 @@ def resolve_timing(node, profile, device: str = "cpu") -> Timing:
     if shape is not None and mode != "modelled":
         raise OdmoeError(f"timing.shape prices modelled compute; it needs timing=modelled, not {mode}")
     scale = float(getattr(profile, "compute_scale", None) or 1.0)
+    calibrate = raw.get("calibrate")  # None (the default): calibrated wherever the clock is measured
+    if calibrate and mode != "measured":
+        raise OdmoeError(f"timing.calibrate corrects thread CPU time; it needs timing=measured, not {mode}")
     probe = None
-    if raw.get("calibrate"):
-        if mode != "measured":
-            raise OdmoeError(
-                f"timing.calibrate corrects thread CPU time; it needs timing=measured, not {mode}"
-            )
+    if mode == "measured" and calibrate is not False:
         probe = getattr(profile, "probe_seconds", None)
         if not probe:
             raise OdmoeError(
                 f"timing.calibrate needs the hardware profile's probe_seconds, which {profile.name} lacks: "
                 "measure it on the reference host (the median of odmoe.clock.probe_seconds() over a quiet "
-                "minute) and set hardware.probe_seconds=VALUE"
+                "minute) and set hardware.probe_seconds=VALUE, or run uncalibrated with timing.calibrate=false"
             )
     return Timing(mode, None if shape is None else str(shape), scale, probe)
 
@@ -142,6 +169,8 @@ class Clock:
         self.mode, self.scale = mode, float(scale)
         self.probe = probe if mode == "measured" else None  # the reference host's probe_seconds
         self.speed = 1.0  # reference-host seconds per host second, from the last probe
+        if self.probe is not None:
+            self._measure_speed()  # now, so that the first PROBE_INTERVAL is charged at the host's speed too
         self._since_probe = 0.0
         self.t = 0.0  # V at the last sync
         self.tb = 0.0  # B at the last sync
@@ -153,6 +182,13 @@ class Clock:
     @property
     def virtual(self) -> bool:
         return self.mode != "wall"
+
+    def _measure_speed(self) -> None:
+        seconds = probe_seconds()
+        # A reading of 0 is no reading (keep the last speed): one of three OD-MoE runs on the 2-core KVM guest
+        # died of a float division by zero here, the thread's CPU clock not advancing over a whole probe.
+        if seconds > 0:
+            self.speed = self.probe / seconds
 
     def reset(self) -> None:
         """Time 0 is now: setup (loading models, building stores) is not the system's time."""
@@ -167,7 +203,7 @@ class Clock:
                 self._since_probe += d
                 if self._since_probe >= PROBE_INTERVAL:
                     self._since_probe = 0.0
-                    self.speed = self.probe / probe_seconds()
+                    self._measure_speed()
                     h = self._host()  # the probe's own time is not the system's
                 d *= self.speed
             d *= self.scale

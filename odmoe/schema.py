@@ -103,7 +103,7 @@ class HardwareSchema:
 class TimingSchema:
     mode: str = _f("auto", choices=("auto", "wall", "measured", "modelled"))
     shape: str | None = None
-    calibrate: bool = False
+    calibrate: bool | None = None  # None: on where the clock is measured
 
 
 # ---- systems (conf/system) -------------------------------------------------------------------

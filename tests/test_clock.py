@@ -43,18 +43,27 @@ def test_measured_clock_scales_and_pauses():
 
 def test_calibrated_clock_charges_at_the_reference_hosts_speed_and_not_the_probe(monkeypatch):
     """The probe finds the host at half the reference speed: the same burst is charged half of its CPU
-    time, and the probe's own 30 ms are charged to nobody."""
+    time, from the first burst on (shorter than a probe interval), and the probe's own 30 ms are charged
+    to nobody."""
 
     def slow_host_probe() -> float:
         _spin(0.03)
         return 2e-3
 
     monkeypatch.setattr(clock_module, "probe_seconds", slow_host_probe)
-    raw, calibrated = Clock("measured"), Clock("measured", probe=1e-3)
+    calibrated = Clock("measured", probe=1e-3)  # probes once now
+    raw = Clock("measured")
+    _spin(0.002)
+    short = raw.now()
+    assert short < clock_module.PROBE_INTERVAL and calibrated.speed == 0.5
+    assert calibrated.now() == pytest.approx(0.5 * short, rel=0.2)
     _spin(0.05)
     burst = raw.now()
     assert calibrated.now() == pytest.approx(0.5 * burst, rel=0.05) and calibrated.speed == 0.5
     assert calibrated.now() - 0.5 * burst < 0.005  # the probe ran and was not charged
+    monkeypatch.setattr(clock_module, "probe_seconds", lambda: 0.0)  # a thread CPU clock that did not advance
+    _spin(0.01)
+    assert calibrated.now() > 0.5 * burst and calibrated.speed == 0.5  # no reading: the last speed holds
     assert Clock("modelled", probe=1e-3).probe is None  # modelled time never reads the host
 
 
@@ -110,8 +119,14 @@ def test_timing_resolution_and_its_errors():
         resolve_timing({"mode": "measured", "shape": "mixtral-8x7b"}, emulated)
     calibrated = resolve_timing({"mode": "measured", "calibrate": True}, emulated)
     assert calibrated.probe == emulated.probe_seconds and calibrated.clock().probe == emulated.probe_seconds
-    assert resolve_timing({"mode": "measured"}, emulated).clock().probe is None  # off unless asked
+    assert resolve_timing({"mode": "measured"}, emulated).probe == emulated.probe_seconds  # on by default
+    assert resolve_timing({"mode": "auto"}, emulated).probe == emulated.probe_seconds
+    assert resolve_timing({"mode": "measured", "calibrate": False}, emulated).clock().probe is None
+    assert resolve_timing({"mode": "modelled"}, emulated).probe is None
+    assert resolve_timing({"mode": "auto"}, real).probe is None  # wall: nothing to calibrate
     with pytest.raises(OdmoeError, match="calibrate .* needs timing=measured, not modelled"):
         resolve_timing({"mode": "modelled", "calibrate": True}, emulated)
-    with pytest.raises(OdmoeError, match="lacks: .* hardware.probe_seconds=VALUE"):
-        resolve_timing({"mode": "measured", "calibrate": True}, emulated.with_(probe_seconds=None))
+    with pytest.raises(
+        OdmoeError, match="lacks: .* hardware.probe_seconds=VALUE, or .* timing.calibrate=false"
+    ):
+        resolve_timing({"mode": "measured"}, emulated.with_(probe_seconds=None))
