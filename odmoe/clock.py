@@ -24,8 +24,8 @@ sync at ``profile.probe_seconds / probe`` host seconds per host second, i.e. at 
 when the profile's ``probe_seconds`` was measured. The probe's own time is not charged. Our choice, where
 thread CPU time alone proved unrepeatable on a shared host: a correction by a neighbouring measurement of
 the host's speed, as in duet benchmarking, which holds only as far as the probe slows down with the
-workload; across CPU types it is approximate. On by default (``timing.calibrate=false``: raw thread CPU
-time).
+workload; across CPU types it is approximate. On by default wherever the profile has a ``probe_seconds``
+(``timing.calibrate=false``: raw thread CPU time).
 
 Beside ``V`` the clock keeps the *zero-stall bound* ``B``: the same compute and messages, but waits for
 expert copies cost nothing. Messages carry both times, so ``B`` at the end of a request is a true
@@ -121,7 +121,8 @@ class Timing:
 
 def resolve_timing(node, profile, device: str = "cpu") -> Timing:
     """The run's timing from the ``timing`` config node (``mode: auto`` picks ``measured`` on an emulated
-    profile and ``wall`` otherwise; ``calibrate``, unset, is on where the clock is ``measured``);
+    profile and ``wall`` otherwise; ``calibrate``, unset, is on where the clock is ``measured`` and the
+    profile has a ``probe_seconds``);
     every impossible combination is one clear error."""
     raw = dict(node or {})
     mode = str(raw.get("mode", "auto"))
@@ -142,17 +143,19 @@ def resolve_timing(node, profile, device: str = "cpu") -> Timing:
     if shape is not None and mode != "modelled":
         raise OdmoeError(f"timing.shape prices modelled compute; it needs timing=modelled, not {mode}")
     scale = float(getattr(profile, "compute_scale", None) or 1.0)
-    calibrate = raw.get("calibrate")  # None (the default): calibrated wherever the clock is measured
+    # None (the default): calibrated wherever the clock is measured and the profile names its reference host's
+    # probe_seconds (results record which: probe_seconds in describe()); true: required
+    calibrate = raw.get("calibrate")
     if calibrate and mode != "measured":
         raise OdmoeError(f"timing.calibrate corrects thread CPU time; it needs timing=measured, not {mode}")
     probe = None
     if mode == "measured" and calibrate is not False:
         probe = getattr(profile, "probe_seconds", None)
-        if not probe:
+        if calibrate and not probe:
             raise OdmoeError(
                 f"timing.calibrate needs the hardware profile's probe_seconds, which {profile.name} lacks: "
                 "measure it on the reference host (the median of odmoe.clock.probe_seconds() over a quiet "
-                "minute) and set hardware.probe_seconds=VALUE, or run uncalibrated with timing.calibrate=false"
+                "minute) and set hardware.probe_seconds=VALUE, or leave timing.calibrate unset or false"
             )
     return Timing(mode, None if shape is None else str(shape), scale, probe)
 

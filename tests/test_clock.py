@@ -126,7 +126,7 @@ def test_timing_resolution_and_its_errors():
     assert resolve_timing({"mode": "auto"}, real).probe is None  # wall: nothing to calibrate
     with pytest.raises(OdmoeError, match="calibrate .* needs timing=measured, not modelled"):
         resolve_timing({"mode": "modelled", "calibrate": True}, emulated)
-    with pytest.raises(
-        OdmoeError, match="lacks: .* hardware.probe_seconds=VALUE, or .* timing.calibrate=false"
-    ):
-        resolve_timing({"mode": "measured"}, emulated.with_(probe_seconds=None))
+    no_reference = emulated.with_(probe_seconds=None)
+    assert resolve_timing({"mode": "measured"}, no_reference).probe is None  # nothing to calibrate against
+    with pytest.raises(OdmoeError, match="lacks: .* hardware.probe_seconds=VALUE, or .* unset or false"):
+        resolve_timing({"mode": "measured", "calibrate": True}, no_reference)
