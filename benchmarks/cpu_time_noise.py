@@ -65,11 +65,12 @@ def _python_loop() -> int:
     return sum(i * i % 7 for i in range(1000))
 
 
-CANDIDATES = {  # name -> a probe's thread CPU seconds (calibrated_s uses the clock's own, probe_seconds)
+CANDIDATES = {  # name -> a candidate probe's thread CPU seconds
     "product": lambda: _timed(lambda: torch.nn.functional.silu(_PRODUCT_X @ _PRODUCT_W.T).sum(), 10, 40),
     "python": lambda: _timed(_python_loop, 0, 6),
     "memory": lambda: _timed(_MEMORY.sum, 0, 8),
 }
+PROBES = {"calibrated": probe_seconds, **CANDIDATES}  # the clock's own probe first (column calibrated_s)
 
 
 @torch.inference_mode()
@@ -78,20 +79,19 @@ def _decode(model, steps: int, reference: dict[str, float]) -> dict[str, float]:
     cache = DynamicCache(config=model.config)
     out = model(input_ids=torch.arange(5, 13)[None], cache=cache, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
-    totals = dict.fromkeys(["cpu_s", "wall_s", "calibrated_s", *(f"{n}_s" for n in CANDIDATES)], 0.0)
-    probes = {n: [] for n in ("calibrated", *CANDIDATES)}
+    totals = dict.fromkeys(["cpu_s", "wall_s", *(f"{n}_s" for n in PROBES)], 0.0)
+    readings = {n: [] for n in PROBES}
     for _ in range(steps):
-        speeds = {"calibrated": reference["calibrated"] / probe_seconds()}
-        speeds.update({n: reference[n] / probe() for n, probe in CANDIDATES.items()})
+        for n, probe in PROBES.items():
+            readings[n].append(probe())
         cpu0, wall0 = time.thread_time(), time.perf_counter()
         token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         step = time.thread_time() - cpu0
         totals["wall_s"] += time.perf_counter() - wall0
         totals["cpu_s"] += step
-        for n, speed in speeds.items():
-            totals["calibrated_s" if n == "calibrated" else f"{n}_s"] += step * speed
-            probes[n].append(reference[n] / speed)
-    return totals | {f"probe_{n}_s": float(np.median(v)) for n, v in probes.items()}
+        for n in PROBES:
+            totals[f"{n}_s"] += step * reference[n] / readings[n][-1]
+    return totals | {f"probe_{n}_s": float(np.median(v)) for n, v in readings.items()}
 
 
 def main() -> None:
@@ -136,7 +136,7 @@ def main() -> None:
     runs = pd.DataFrame(rows)
     runs.to_csv(out / "runs.csv", index=False)
     frames = []
-    for clock in ("cpu_s", "calibrated_s", *(f"{n}_s" for n in CANDIDATES)):
+    for clock in ("cpu_s", *(f"{n}_s" for n in PROBES)):
         stats = runs.groupby("condition", sort=False)[clock].agg(["min", "median", "max"])
         stats["spread"] = (stats["max"] - stats["min"]) / stats["median"]
         stats["median_vs_alone"] = stats["median"] / stats.loc["alone", "median"] - 1

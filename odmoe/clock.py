@@ -122,8 +122,7 @@ class Timing:
 def resolve_timing(node, profile, device: str = "cpu") -> Timing:
     """The run's timing from the ``timing`` config node (``mode: auto`` picks ``measured`` on an emulated
     profile and ``wall`` otherwise; ``calibrate``, unset, is on where the clock is ``measured`` and the
-    profile has a ``probe_seconds``);
-    every impossible combination is one clear error."""
+    profile has a ``probe_seconds``); every impossible combination is one clear error."""
     raw = dict(node or {})
     mode = str(raw.get("mode", "auto"))
     if mode == "auto":
