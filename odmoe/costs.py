@@ -289,8 +289,8 @@ class FixedCosts:
     def head(self, tokens: int = 1) -> float:
         return self.t_head
 
-    def shadow(self, layer: int, ctx: int = 0) -> float:
-        return self.t_shadow
+    def shadow(self, layer: int, ctx: int = 0, tokens: int = 1) -> float:
+        return self.t_shadow * tokens
 
     def shadow_head(self) -> float:
         return self.t_shadow_head
@@ -342,11 +342,16 @@ class MeasuredCosts:
     def __getattr__(self, name):  # act_bytes, alignment_bytes, wire, shared, cached_layer, ...
         return getattr(self.base, name)
 
-    def main(self, layer: int, tokens: int = 1, ctx: int = 0) -> float:
-        v = self._get("main_s", layer) if tokens == 1 or self.extrapolate else None
+    def _per_tokens(self, col: str, layer: int, tokens: int, base) -> float:
+        """The measured one-token time, for more tokens (with ``extrapolate``) plus the model's extra cost of
+        the other tokens; ``base(tokens)`` where not measured."""
+        v = self._get(col, layer) if tokens == 1 or self.extrapolate else None
         if v is None:
-            return self.base.main(layer, tokens, ctx)
-        return v if tokens == 1 else v + self.base.main(layer, tokens, ctx) - self.base.main(layer, 1, ctx)
+            return base(tokens)
+        return v if tokens == 1 else v + base(tokens) - base(1)
+
+    def main(self, layer: int, tokens: int = 1, ctx: int = 0) -> float:
+        return self._per_tokens("main_s", layer, tokens, lambda t: self.base.main(layer, t, ctx))
 
     def expert(self, experts: int = 1, tokens: float = 1, layer: int | None = None) -> float:
         v = self._get("expert_s", layer) if layer is not None else self._mean("expert_s")
@@ -363,9 +368,8 @@ class MeasuredCosts:
         v = self._get("main_s", -1) if tokens == 1 else None
         return self.base.head(tokens) if v is None else v
 
-    def shadow(self, layer: int, ctx: int = 0) -> float:
-        v = self._get("shadow_s", layer)
-        return self.base.shadow(layer, ctx) if v is None else v
+    def shadow(self, layer: int, ctx: int = 0, tokens: int = 1) -> float:
+        return self._per_tokens("shadow_s", layer, tokens, lambda t: self.base.shadow(layer, ctx, t))
 
     def shadow_head(self) -> float:
         v = self._get("shadow_s", -1)

@@ -12,7 +12,7 @@ from odmoe.costs import FixedCosts, Formats, ModelCosts
 from odmoe.hardware import load_profile
 from odmoe.sim import recall as rc
 from odmoe.sim.analysis import eq1_budget, eq1_table, io_bound_tok_s, node_memory, solve_increasing
-from odmoe.sim.distributed import Layout, ODMoEConfig, simulate_decode, simulate_prefill
+from odmoe.sim.distributed import Layout, ODMoEConfig, simulate_decode, simulate_prefill, simulate_request
 from odmoe.sim.shapes import load_shape
 
 
@@ -108,6 +108,28 @@ def test_misses_cost_a_reload_and_late_departure_stalls_the_first_layers():
     )
     assert unaligned.time < perfect.time  # no late departure
     assert unaligned.stall[2:, 0].max() == 0.0  # the shadow runs a token ahead: even layer 1 is predicted
+
+
+@pytest.mark.parametrize("period", [None, 1])
+def test_decode_starts_from_what_the_prefill_left(period):
+    """As the runtime does (found by the two-schedules check, docs/simulator.md): the shadow's own prefill
+    starts when the main's START reaches it; without token alignment it starts decoding when that prefill
+    ends, long before the main's first token here; with it, when the first token reaches it (ttft + latency).
+    A worker's first decode copy waits for its last prefill compute."""
+    shape = toy(2)
+    costs = FixedCosts(t_main=1, t_expert=2, t_load=3, t_shadow=0.5, t_head=0.5, latency=0.25)
+    cfg = ODMoEConfig(num_workers=4, predictor="shadow", token_period=period, kv_period=period)
+    res = simulate_request(shape, costs, cfg, 4, 3, np.full((2, 2), 2), record=1)
+    spans = res.decode.timeline.spans
+    (prefill,) = [s for s in spans if s[:3] == ("shadow", "S", -1)]
+    assert prefill[4:] == (0.25, 0.25 + 2 * 4 * 0.5)  # START's latency, then 2 layers x 4 tokens x 0.5
+    first = min(s[4] for s in spans if s[:3] == ("shadow", "S", 0))
+    assert first == (prefill[5] if period is None else res.ttft + 0.25)
+    assert prefill[5] < res.ttft
+    for w in range(4):
+        computed = max(s[5] for s in spans if s[0] == f"worker {w}" and s[1] == "compute" and s[2] == -1)
+        loads = [s[4] for s in spans if s[0] == f"worker {w}" and s[1] == "load" and s[2] == 0]
+        assert loads and min(loads) >= computed
 
 
 def test_prefill_serial_is_slower_than_overlapped_and_grows_with_the_prompt():

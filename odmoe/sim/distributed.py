@@ -25,8 +25,13 @@ Every resource serves its work in a fixed program order, so the schedule is comp
 Alignment (PAPER.md §4.3, §6): at decode iteration n > 1 token alignment is due when ``(n-1) % P_T == 0`` and KV
 alignment when ``(n-1) % P_KV == 0`` (period 0 or None: never). The main sends the message after its LM head of
 iteration n-1; the KV payload holds the positions since the last KV alignment (``kv_payload="since_last"``, §11
-item 6 option B) or only the newest one (``"newest"``). At n = 1 the shadow starts with the main (its own
-prefill ran concurrently; no alignment, no late departure).
+item 6 option B) or only the newest one (``"newest"``). Decode after a simulated prefill
+(:func:`simulate_request`) starts from what the prefill left, as the runtime does: the shadow's own prefill
+starts when the main's START (carrying the prompt) reaches it, so without token alignment it starts iteration 1
+as soon as that prefill ends, possibly before the main's first token; with token alignment it waits for the
+main's first token (DONE after prefill: the late departure at n = 1 too); and each worker's link and buffer are
+free only after its last prefill copy and compute. Decode alone (:func:`simulate_decode` without ``after``)
+starts with every resource free at ``start``.
 
 Prefill (PAPER.md §5): all experts of a layer are spread over the workers (expert e on worker ``e mod W``, in
 rounds when E > W), and each expert's tokens travel in ``minibatches`` chunks so transfer and compute overlap.
@@ -134,6 +139,16 @@ class Timeline:
             self.spans.append((resource, kind, it, layer, start, end))
 
 
+@dataclass(frozen=True)
+class PrefillEnd:
+    """What a prefill leaves to decode: when each worker's host->device link and expert buffer free up, and when
+    the shadow's own prefill ends (``-inf``: no shadow)."""
+
+    link_free: list[float]
+    buffer_free: list[float]
+    shadow_free: float = -math.inf
+
+
 @dataclass
 class DecodeResult:
     token_times: np.ndarray  # emission time of the token produced by each decode iteration
@@ -158,8 +173,10 @@ def simulate_decode(
     start: float = 0.0,
     record: int = 0,
     timely: np.ndarray | None = None,
+    after: PrefillEnd | None = None,
 ) -> DecodeResult:
-    """Decode ``iterations`` tokens (default: one per row of ``hits``) after ``ctx0`` cached positions.
+    """Decode ``iterations`` tokens (default: one per row of ``hits``) after ``ctx0`` cached positions; ``after``:
+    the state the request's prefill left (the module docstring), else every resource free at ``start``.
 
     ``timely`` (optional, same shape as ``hits``, ``hits <= timely <= k``): a measured prediction trace. Per
     (iteration, MoE layer), the first ``timely`` expert slots are known from a prediction before the hidden vector
@@ -200,6 +217,15 @@ def simulate_decode(
     links = [Link.fifo(start) for _ in range(lay.num_workers)]  # each worker's host->device copy engine
     held: list[deque] = [deque(maxlen=cfg.buffers) for _ in range(lay.num_workers)]
     shadow_free, align_at, last_kv = start, start, 0
+    first_aligned = False  # the shadow's first iteration waits for the main's first token
+    if after is not None:
+        links = [Link.fifo(t) for t in after.link_free]
+        for h, t in zip(held, after.buffer_free, strict=True):
+            h.append(t)
+        shadow_free = after.shadow_free
+        if cfg.predictor == "shadow" and cfg.token_period:
+            first_aligned = True  # DONE(0): the first token, sent after the prefill's LM head
+            align_at = tx.occupy(costs.wire(costs.alignment_bytes(0, token=True)), start) + lat
     main_starts: list[float] = []
     token_times = np.zeros(iterations)
     stall = [[0.0] * len(moe) for _ in range(iterations)]
@@ -227,7 +253,7 @@ def simulate_decode(
         pred = [never] * len(moe)
         if cfg.predictor == "shadow" and timely is None:
             s = shadow_free
-            if due(n, cfg.token_period) or due(n, cfg.kv_period):
+            if due(n, cfg.token_period) or due(n, cfg.kv_period) or (n == 0 and first_aligned):
                 s = max(s, align_at)
             if cfg.max_lead is not None and n - cfg.max_lead >= 0:
                 s = max(s, main_starts[n - cfg.max_lead])
@@ -329,9 +355,10 @@ def simulate_prefill(
     prompt_len: int,
     counts: np.ndarray | None = None,
     record: bool = False,
-) -> tuple[float, Timeline]:
-    """Time to first token of a ``prompt_len``-token prompt (request arrives at t = 0). ``costs.prefill_message``
-    (optional, default 0): a CPU cost per message, serialized on the main node's outbound and inbound FIFOs."""
+) -> tuple[float, Timeline, PrefillEnd]:
+    """Time to first token of a ``prompt_len``-token prompt (request arrives at t = 0), the timeline, and what the
+    prefill leaves to decode. ``costs.prefill_message`` (optional, default 0): a CPU cost per message, serialized
+    on the main node's outbound and inbound FIFOs."""
     counts = expected_prefill_counts(shape, prompt_len) if counts is None else counts
     slot = {layer: j for j, layer in enumerate(shape.moe_layers)}
     nw, lat, t_load = cfg.num_workers, costs.latency, costs.load()
@@ -347,6 +374,12 @@ def simulate_prefill(
     tx, rx = Link.fifo(0.0), Link.fifo(0.0)
     links = [Link.fifo(0.0) for _ in range(nw)]
     buf_free = [0.0] * nw
+    shadow_free = -math.inf
+    if cfg.predictor == "shadow":  # START with the prompt (8-byte ids), then the shadow's own prefill
+        s0 = tx.occupy(costs.wire(8 * prompt_len) + per_msg, 0.0) + lat
+        shadow_free = s0 + sum(costs.shadow(i, 0, prompt_len) for i in range(shape.num_layers))
+        shadow_free += costs.shadow_head()
+        add("shadow", "S", -1, s0, shadow_free)
     for i in range(shape.num_layers):
         m0 = max(main_free, ready)
         m1 = m0 + costs.main(i, prompt_len, 0)
@@ -392,7 +425,7 @@ def simulate_prefill(
     h0 = max(main_free, ready)
     ttft = h0 + costs.head(1)
     add("main", "head", -1, h0, ttft)
-    return ttft, tl
+    return ttft, tl, PrefillEnd([link.free_at for link in links], buf_free, shadow_free)
 
 
 @dataclass
@@ -431,9 +464,10 @@ def simulate_request(
 ) -> RequestResult:
     """Prefill, then ``output_len - 1`` decode iterations starting when the first token is out (``timely``: see
     :func:`simulate_decode`)."""
-    ttft, ptl = simulate_prefill(shape, costs, cfg, prompt_len, counts, record=bool(record))
+    ttft, ptl, end = simulate_prefill(shape, costs, cfg, prompt_len, counts, record=bool(record))
     dec = simulate_decode(
-        shape, costs, cfg, hits, output_len - 1, ctx0=prompt_len, start=ttft, record=record, timely=timely
-    )
+        shape, costs, cfg, hits, output_len - 1, ctx0=prompt_len, start=ttft, record=record, timely=timely,
+        after=end,
+    )  # fmt: skip
     dec.timeline.spans = ptl.spans + dec.timeline.spans
     return RequestResult(prompt_len, output_len, ttft, dec)
