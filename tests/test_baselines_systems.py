@@ -124,7 +124,11 @@ def test_prefetch_never_changes_output(setup, name, cfg):
     assert on.stats.prefetches > 0 and off.stats.prefetches == 0
 
 
-def test_lossy_policies_report_lower_agreement(setup):
+def test_lossy_policies_are_flagged_and_agreement_counts_reference_tokens(setup):
+    """Lossy policies say so and compute something else (their perplexity differs); agreement is the share of
+    tokens equal to the reference's (against a reference wrong at every second position, the exact model scores
+    exactly 0.5). Whether a lossy policy flips a greedy token of this very repetitive micro model depends on the
+    trained model (on tiny-mixtral AdapMoE's agreement is 0.13-0.57), so that is not asserted."""
     lm, hw, prompt, _ = setup
     ids = tuple(
         lm.tokenizer("And the earth was without form, and void; and darkness was upon the face")["input_ids"][
@@ -150,9 +154,10 @@ def test_lossy_policies_report_lower_agreement(setup):
     for name, row in rows.items():
         assert row["lossy"], name
         assert not np.isclose(row["perplexity"], exact["perplexity"]), name  # its own computation differs
-    # skipping every missed expert flips the micro model's greedy tokens; NF4 alone or top-1 gating need
-    # not on 48 tokens of this very repetitive model (on tiny-mixtral AdapMoE's agreement is 0.57)
-    assert rows["hobbit"]["agreement"] < 1.0 and rows["hobbit"]["skipped_share"] > 0
+        assert 0.0 <= row["agreement"] <= 1.0, name
+    assert rows["hobbit"]["skipped_share"] > 0
+    wrong = {key: np.where(np.arange(len(ref)) % 2 == 0, ref, -1) for key, ref in refs.items()}
+    assert run_system("cached", {}, lm, w, hw, wrong, ppl_ids)[0]["agreement"] == 0.5
     # every second expert of every decode step dropped (prefill keeps top-2): 92 of 248 slots a request
     assert rows["adapmoe"]["skipped_share"] == pytest.approx(92 / 248)
     assert rows["mixtral_offloading"]["expert_format"] == "hqq2" and rows["adapmoe"]["calib_size"] == 256
@@ -260,23 +265,33 @@ def test_adapmoe_skip_share_follows_the_sensitivity_budget(setup):
 
 @pytest.mark.parametrize("depth", [1, 3])
 def test_adapmoe_prefetch_looks_further_when_the_next_layer_is_cached(setup, depth):
+    """The first predicted expert not resident is prefetched, nearest layer first, one per layer: with nothing
+    resident that is layer l+1's; with l+1's predictions resident, depth 1 prefetches nothing and depth 3 reaches
+    l+2. The cache is set by hand: which experts a run leaves resident depends on the trained model."""
+    from baselines.cache import Entry
+
     lm, hw, prompt, _ = setup
     cfg = dict(quantize="none", attention="none", sensitivity_budget=0, cache_fraction=1.0, calib_sequences=2)
     engine = build_engine("adapmoe", dict(cfg, prefetch_depth=depth), lm, hw)
-    distances = []
-    orig = engine.prefetch
-
-    def spy(keys, protected=()):
-        distances.extend(engine.layers.index(k[0]) - engine.layers.index(engine.layer_now) for k in keys)
-        return orig(keys, protected)
-
-    engine.prefetch = spy
+    issued = []
+    engine.prefetch = lambda keys, protected=(): issued.extend(keys)
     try:
-        engine.generate(prompt, OUT)
+        engine.reset_cache()
+        policy, layer, fmt = engine.policy, engine.layers[0], engine.policy.fmt
+        u = torch.randn(1, lm.adapter.hidden_size, generator=torch.Generator().manual_seed(0))
+        policy.prefetch(engine, layer, u, None, None)
+        ahead = policy.gates.predict(layer, u, lm.adapter.top_k)
+        assert [t for t, _, _ in ahead] == engine.layers[1 : 1 + depth]
+        assert [k[0] for k in issued] == [ahead[0][0]]
+        for e in ahead[0][2][0].tolist():
+            key = (ahead[0][0], e, fmt)
+            engine.cache.insert(Entry(key, engine.fmt_bytes[fmt], engine.host[key]))
+        issued.clear()
+        policy.prefetch(engine, layer, u, None, None)
+        assert [k[0] for k in issued] == ([] if depth == 1 else [ahead[1][0]])
     finally:
+        del engine.prefetch
         engine.uninstall()
-    assert distances and max(distances) <= depth
-    assert (max(distances) > 1) == (depth > 1)  # a fully cacheable model: layer l+1 fills up first
 
 
 def test_hobbit_replaces_only_missed_experts_by_low_precision(setup):
