@@ -34,6 +34,8 @@ from odmoe.errors import OdmoeError
 from odmoe.hardware import Device, HardwareProfile
 from odmoe.sim.shapes import FORMAT_BYTES, ModelShape
 
+TOKEN_ID_BYTES = 8  # one token id on the wire (int64): START's prompt, an alignment's token
+
 
 @dataclass(frozen=True)
 class Formats:
@@ -161,7 +163,7 @@ class ModelCosts:
 
     def alignment_bytes(self, positions: int, token: bool = True) -> float:
         """KV entries of ``positions`` positions over all layers, plus the token id (8 bytes)."""
-        return positions * self.shape.kv_bytes_per_token(self.fmt.kv) + (8 if token else 0)
+        return positions * self.shape.kv_bytes_per_token(self.fmt.kv) + (TOKEN_ID_BYTES if token else 0)
 
     def expert_bytes(self, fmt: str | None = None) -> int:
         return self._expert_bytes[fmt or self.fmt.worker]

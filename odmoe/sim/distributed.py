@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from odmoe.costs import Link
+from odmoe.costs import TOKEN_ID_BYTES, Link
 from odmoe.errors import OdmoeError
 from odmoe.sim.shapes import ModelShape
 
@@ -214,18 +214,18 @@ def simulate_decode(
     rows = hits.tolist()  # plain Python numbers in the hot loop (numpy scalars are slow there)
     main_free = start
     tx, rx = Link.fifo(start), Link.fifo(start)  # the main node's NIC, out and in
-    links = [Link.fifo(start) for _ in range(lay.num_workers)]  # each worker's host->device copy engine
-    held: list[deque] = [deque(maxlen=cfg.buffers) for _ in range(lay.num_workers)]
+    # each worker's host->device copy engine and expert buffers, free at `start` or when the prefill left them
+    links = [Link.fifo(t) for t in (after.link_free if after else [start] * lay.num_workers)]
+    held: list[deque] = [
+        deque([] if after is None else [after.buffer_free[w]], maxlen=cfg.buffers)
+        for w in range(lay.num_workers)
+    ]
     shadow_free, align_at, last_kv = start, start, 0
-    first_aligned = False  # the shadow's first iteration waits for the main's first token
     if after is not None:
-        links = [Link.fifo(t) for t in after.link_free]
-        for h, t in zip(held, after.buffer_free, strict=True):
-            h.append(t)
         shadow_free = after.shadow_free
-        if cfg.predictor == "shadow" and cfg.token_period:
-            first_aligned = True  # DONE(0): the first token, sent after the prefill's LM head
-            align_at = tx.occupy(costs.wire(costs.alignment_bytes(0, token=True)), start) + lat
+        if cfg.predictor == "shadow" and cfg.token_period:  # DONE(0) brings the first token (late departure)
+            done0 = tx.occupy(costs.wire(costs.alignment_bytes(0, token=True)), start) + lat
+            shadow_free = max(shadow_free, done0)
     main_starts: list[float] = []
     token_times = np.zeros(iterations)
     stall = [[0.0] * len(moe) for _ in range(iterations)]
@@ -253,7 +253,7 @@ def simulate_decode(
         pred = [never] * len(moe)
         if cfg.predictor == "shadow" and timely is None:
             s = shadow_free
-            if due(n, cfg.token_period) or due(n, cfg.kv_period) or (n == 0 and first_aligned):
+            if due(n, cfg.token_period) or due(n, cfg.kv_period):
                 s = max(s, align_at)
             if cfg.max_lead is not None and n - cfg.max_lead >= 0:
                 s = max(s, main_starts[n - cfg.max_lead])
@@ -375,8 +375,8 @@ def simulate_prefill(
     links = [Link.fifo(0.0) for _ in range(nw)]
     buf_free = [0.0] * nw
     shadow_free = -math.inf
-    if cfg.predictor == "shadow":  # START with the prompt (8-byte ids), then the shadow's own prefill
-        s0 = tx.occupy(costs.wire(8 * prompt_len) + per_msg, 0.0) + lat
+    if cfg.predictor == "shadow":  # START with the prompt's token ids, then the shadow's own prefill
+        s0 = tx.occupy(costs.wire(TOKEN_ID_BYTES * prompt_len) + per_msg, 0.0) + lat
         shadow_free = s0 + sum(costs.shadow(i, 0, prompt_len) for i in range(shape.num_layers))
         shadow_free += costs.shadow_head()
         add("shadow", "S", -1, s0, shadow_free)
