@@ -38,7 +38,7 @@ from typing import Any
 
 from odmoe.errors import OdmoeError
 from odmoe.paths import repo_root
-from odmoe.runtime.net import check_machines_joined
+from odmoe.runtime.net import check_machines_joined, store_address
 
 
 class ClusterFailed(RuntimeError):
@@ -171,13 +171,11 @@ def _bad_input(error: OdmoeError) -> None:
     first would make torchrun's agent terminate that rank before its line is out."""
     machine = os.environ.get("GROUP_RANK", "0")
     key = f"odmoe/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/bad_input/{machine}"
-    store = None
     try:
         import torch.distributed as dist
 
         store = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
+            *store_address(),
             is_master=False,
             timeout=datetime.timedelta(seconds=60),
         )
@@ -376,9 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     try:  # a machine that never joined: say so before loading anything (once per machine)
         check_machines_joined()
     except OdmoeError as e:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"odmoe: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _bad_input(e)
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -410,3 +410,39 @@ def test_interface_and_store_checks_say_what_to_set():
     with pytest.raises(OdmoeError, match="only 2 of the 3 machines"):
         net.check_machines_joined({"ODMOE_NNODES": "3", "GROUP_WORLD_SIZE": "2"})
     net.check_machines_joined({"ODMOE_NNODES": "3", "GROUP_WORLD_SIZE": "3"})
+
+
+def test_missing_machine_line_is_out_before_any_local_rank_exits(tmp_path):
+    """A machine that never joined, seen by both local ranks of machine 0: local rank 1 waits in the store
+    until local rank 0's line is out (exiting first lets torchrun's agent terminate rank 0 before it speaks);
+    one line for the machine, exit 2 from both."""
+    store = _store()
+    env = {
+        **os.environ,
+        "ODMOE_NNODES": "3",
+        "GROUP_WORLD_SIZE": "2",
+        "GROUP_RANK": "0",
+        "TORCHELASTIC_RUN_ID": "never-joined",
+        "ODMOE_STORE": f"127.0.0.1:{store.port}",
+    }
+
+    def start(local_rank: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "odmoe.launch", "model=micro-mixtral"],
+            env={**env, "LOCAL_RANK": str(local_rank)},
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=repo_root(),
+        )
+
+    second = start(1)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 8:  # time to import torch and reach the store: it must still be waiting
+        assert second.poll() is None, second.communicate()[1]
+        time.sleep(0.25)
+    first = start(0)
+    outs = [p.communicate(timeout=60)[1] for p in (first, second)]
+    assert [first.returncode, second.returncode] == [2, 2], outs
+    said = [[line for line in out.splitlines() if line.startswith("odmoe:")] for out in outs]
+    assert len(said[0]) == 1 and said[0][0].startswith("odmoe: error: only 2 of the 3 machines"), outs[0]
+    assert said[1] == [], outs[1]
