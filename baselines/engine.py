@@ -17,7 +17,7 @@ The HF model runs unchanged; each MoE layer's routed-expert computation is repla
 
 Time is the engine's :class:`odmoe.clock.Clock` (``timing``): ``measured`` (this thread's CPU time times
 the profile's ``compute_scale``) or ``modelled`` (the cost model's attention, expert and head steps at
-``timing.shape``) on an emulated profile, ``wall`` on a GPU. Loads go over :mod:`baselines.timing`'s link
+``timing.shape``; packed copies pay their dequantization, ``odmoe/costs.py``) on an emulated profile, ``wall`` on a GPU. Loads go over :mod:`baselines.timing`'s link
 (the profile's link in virtual time, or real side-stream copies on CUDA); waiting for one is a stall (on CUDA
 the time the compute stream waited, from CUDA events). On a GPU the model's own routed-expert tensors move to
 host memory while an engine is installed (its host store serves them), so the device holds what the policy keeps
@@ -38,7 +38,7 @@ import torch
 from transformers import DynamicCache
 
 from baselines.cache import Entry, EvictionContext, ExpertCache, Key
-from baselines.lowbit import ExpertFormat, make_format, packed_bytes
+from baselines.lowbit import ExpertFormat, make_format, packed_attention_bytes, packed_bytes
 from baselines.timing import make_link
 from odmoe.clock import Clock, Timing
 from odmoe.costs import Formats, Pricer, run_costs
@@ -226,6 +226,8 @@ class OffloadEngine:
         self.reset_cache()
         self._install()
         policy.install(self)
+        if self.pricer is not None:  # HQQ attention (Mixtral-Offloading, AdapMoE): dequantized at every call
+            self.pricer.attention_bytes = packed_attention_bytes(self.model)
         if self.device.type == "cuda" and policy.on_device:  # last: nothing above can fail after it
             self._stashed = self._stash_experts()  # the model's own experts leave the GPU while we serve them
 
@@ -450,7 +452,8 @@ class OffloadEngine:
             y = swiglu_expert(hidden[token_idx], gate_up, down, self.act)
             if self.pricer is not None:
                 nbytes = entry.nbytes * self.byte_scale
-                self.clock.charge(self.pricer.expert(len(token_idx), not results, nbytes, on="device"))
+                packed = fmt != "fp32"  # unpacked above, then an fp32 matmul
+                self.clock.charge(self.pricer.expert(len(token_idx), not results, nbytes, "device", packed))
             results[(e, fmt)] = y * w[token_idx, pos, None]
             self.tick += 1
             entry.last_use = self.tick

@@ -259,6 +259,15 @@ class HQQLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, w.to(x.dtype), self.bias)
 
 
+def packed_attention_bytes(model: torch.nn.Module) -> float | None:
+    """Stored bytes per attention weight after :func:`quantize_attention` (None: attention is not packed)."""
+    layers = [m for m in model.modules() if isinstance(m, HQQLinear)]
+    if not layers:
+        return None
+    stored = sum(packed_bytes(tuple(m.packed)) for m in layers)
+    return stored / sum(m.original[0].weight.numel() for m in layers)
+
+
 def quantize_attention(model: torch.nn.Module, fmt: str = "hqq4") -> list[tuple[torch.nn.Module, str]]:
     """Swap every decoder layer's attention projections (each ``nn.Linear`` of its attention module:
     q/k/v/o, or multi-head latent attention's q_a/q_b/kv_a/kv_b/o) for :class:`HQQLinear`; returns what

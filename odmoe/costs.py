@@ -20,6 +20,13 @@ slower, simpler bound. ``overhead`` is the profile's fixed per-layer software ti
 dispatch), calibrated on the fully cached model; ``main_share`` of it goes with attention + router on the main
 node and the rest with the expert step, whether one GPU runs both (cached model) or a worker runs the experts.
 A worker call over several experts or a prefill mini-batch pays the expert overhead once per call.
+
+Packed weights (a choice; the paper prices no baseline): the offload engine keeps its nf4 and HQQ copies packed
+and dequantizes each into the compute format before an ordinary matmul (``baselines/lowbit.py``), and the
+modelled clock prices that path: read the packed copy, ``DEQUANT_FLOPS`` per weight, write the unpacked matrix,
+which the matmul then reads like a resident one. The originals fuse dequantization into GPU kernels
+(Mixtral-Offloading's Triton matmuls), whose ideal is the packed read alone; that bound made a 2-bit
+expert a tenth of an fp32 one and put Mixtral-Offloading above the fully cached model.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from odmoe.hardware import Device, HardwareProfile
 from odmoe.sim.shapes import FORMAT_BYTES, ModelShape
 
 TOKEN_ID_BYTES = 8  # one token id on the wire (int64): START's prompt, an alignment's token
+DEQUANT_FLOPS = 2  # per packed weight: (code - zero) * scale (HQQ's Quantizer.dequantize; nf4: code * absmax)
 
 
 @dataclass(frozen=True)
@@ -414,6 +422,7 @@ class Pricer:
             raise OdmoeError(f"unknown pricer kind {kind!r}")
         self.costs, self.num_layers, self.kind = costs, num_layers, kind
         self.tokens, self.ctx, self.next = 1, 0, 0
+        self.attention_bytes: float | None = None  # stored bytes per attention weight when kept packed (HQQ)
 
     def begin(self, tokens: int, ctx: int) -> None:
         """A forward step over ``tokens`` new tokens after ``ctx`` cached positions."""
@@ -425,7 +434,17 @@ class Pricer:
             return c.shadow(j, self.ctx, self.tokens)
         if self.kind == "cached":
             return c.cached_layer(j, self.tokens, self.ctx)
-        return c.main(j, self.tokens, self.ctx)
+        t = c.main(j, self.tokens, self.ctx)
+        if self.attention_bytes is not None:  # dequantized at every call, then read as resident weights
+            a = c.shape.attn_params
+            t += self._unpack(c.hw.main, a, a * self.attention_bytes)
+        return t
+
+    def _unpack(self, dev: Device, params: float, packed_bytes: float) -> float:
+        """Dequantizing ``params`` weights stored in ``packed_bytes`` into the compute format: read the packed
+        copy, compute each weight, write it (the matmul's read of the result is priced by the caller)."""
+        written = params * FORMAT_BYTES[self.costs.fmt.main]
+        return roofline(dev, packed_bytes + written, DEQUANT_FLOPS * params)
 
     def upto(self, layer: int) -> float:
         """Every layer not yet priced, up to and including ``layer``."""
@@ -443,15 +462,26 @@ class Pricer:
         return self.costs.shared(self.tokens)
 
     def expert(
-        self, tokens: int, first: bool = True, nbytes: float | None = None, on: str = "worker"
+        self,
+        tokens: int,
+        first: bool = True,
+        nbytes: float | None = None,
+        on: str = "worker",
+        packed: bool = False,
     ) -> float:
         """One expert over ``tokens`` rows reading ``nbytes`` of weights (default: a worker expert at the
         workers' format), on a worker or (``on="device"``) on an offload engine's single device; the per-call
-        overhead is paid by a call's first expert."""
+        overhead is paid by a call's first expert. ``packed``: the ``nbytes`` are a packed copy, dequantized
+        once per call into the compute format, which the matmul then reads."""
         c = self.costs
         dev = c.hw.worker if on == "worker" else c.hw.main
+        params = c.shape.expert_params
         nbytes = c.expert_bytes() if nbytes is None else nbytes
-        t = roofline(dev, nbytes, 2 * c.shape.expert_params * tokens)
+        t = 0.0
+        if packed:
+            t = self._unpack(dev, params, nbytes)
+            nbytes = params * FORMAT_BYTES[c.fmt.main]
+        t += roofline(dev, nbytes, 2 * params * tokens)
         return t + (c.expert_overhead if first else 0.0)
 
 

@@ -192,6 +192,44 @@ def test_mixtral_offloading_moves_packed_hqq_experts_and_quantizes_attention(set
     assert res.link_bytes == (res.stats.loads + res.stats.prefetches) * engine.fmt_bytes["hqq2"]
 
 
+def test_modelled_clock_prices_the_dequantization_of_packed_copies(setup):
+    """On the modelled clock an HQQ 2-bit expert costs its dequantization (read the packed copy, 2 FLOPs per
+    weight, write fp32) and then the fp32 matmul the engine runs: dearer than an fp32 expert, not a tenth of
+    it. HQQ 4-bit attention adds its own dequantization to each layer's main step. By hand from the profile."""
+    import pandas as pd
+
+    from odmoe.clock import Timing
+
+    lm, hw, prompt, _ = setup
+    dev, params = hw.main, lm.adapter.expert_params
+    attn = sum(m.weight.numel() for m in lm.model.model.layers[0].self_attn.children())
+
+    def run(quantize, attention):
+        cfg = dict(experts_per_layer=8, prefetch=0, quantize=quantize, attention=attention)
+        engine = build_engine("mixtral_offloading", cfg, lm, hw, Timing("modelled"))
+        try:
+            layers = pd.DataFrame(engine.generate(prompt, OUT, record=True).record.layers)
+        finally:
+            engine.uninstall()
+        return engine, layers.set_index(["step", "layer"])
+
+    dense, dense_rows = run("none", "none")
+    packed, packed_rows = run("hqq2", "hqq4")
+    overhead = dense.pricer.costs.expert_overhead
+    fp32_expert = 4 * params / dev.mem_bandwidth + 2 * params / dev.flops
+    unpack = (packed.fmt_bytes["hqq2"] + 4 * params) / dev.mem_bandwidth + 2 * params / dev.flops
+    decode = [key for key in dense_rows.index if key[0] > 0]
+    for rows, one in ((dense_rows, fp32_expert), (packed_rows, unpack + fp32_expert)):
+        expected = overhead + rows.loc[decode, "computed"] * one
+        assert np.allclose(rows.loc[decode, "t_experts"], expected, rtol=1e-9)
+    assert (
+        dense.pricer.attention_bytes is None and 0.5 < packed.pricer.attention_bytes < 0.75
+    )  # 4 bits + stats
+    attention = (packed.pricer.attention_bytes + 4) * attn / dev.mem_bandwidth + 2 * attn / dev.flops
+    extra = packed_rows.loc[decode, "t_main"] - dense_rows.loc[decode, "t_main"]
+    assert np.allclose(extra, attention, rtol=1e-6)
+
+
 def test_moe_infinity_collection_holds_the_traces_and_its_matches_steer_prefetch(setup):
     """The EAMC holds the offline calibration traces (calib split); replacing them by other activation
     matrices changes what is prefetched."""
