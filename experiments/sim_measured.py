@@ -34,7 +34,8 @@ For OD-MoE, taken from the measured run, and nothing else from it:
 * ``layers.csv``, the CPU cost of one message: the median real transport of the hidden vectors
   (``net_in_transport``, sender -> the receiver's thread); on shared cores it is CPU time, so the prefill's
   back-to-back mini-batch messages queue behind it on the main node's two FIFOs (in decode it is part of the
-  measured hops);
+  measured hops). Wall-clock runs only: a virtual-clock run does not record it, and the prefill's messages
+  then cost their wire time alone (``odmoe_prefill_message_ms`` 0; docs/simulator.md);
 * ``requests.csv``: the tail of each iteration (final norm, LM head, argmax, alignment message) =
   (``lower_bound_s`` - the layers' zero-stall times) / iterations, for the main's and the shadow's LM head.
 
