@@ -222,9 +222,8 @@ def test_modelled_clock_prices_the_dequantization_of_packed_copies(setup):
     for rows, one in ((dense_rows, fp32_expert), (packed_rows, unpack + fp32_expert)):
         expected = overhead + rows.loc[decode, "computed"] * one
         assert np.allclose(rows.loc[decode, "t_experts"], expected, rtol=1e-9)
-    assert (
-        dense.pricer.attention_bytes is None and 0.5 < packed.pricer.attention_bytes < 0.75
-    )  # 4 bits + stats
+    # 4 bits per weight plus the group statistics
+    assert dense.pricer.attention_bytes is None and 0.5 < packed.pricer.attention_bytes < 0.75
     attention = (packed.pricer.attention_bytes + 4) * attn / dev.mem_bandwidth + 2 * attn / dev.flops
     extra = packed_rows.loc[decode, "t_main"] - dense_rows.loc[decode, "t_main"]
     assert np.allclose(extra, attention, rtol=1e-6)
