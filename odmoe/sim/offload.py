@@ -13,7 +13,8 @@ published ``_swap``). Hits, misses and stalls come from a routing array: a real 
 :func:`synthetic_routing`.
 
 Prefill: each layer copies the experts its prompt routes to that are not resident, after the router, then runs
-them all. The fully cached model (:func:`simulate_cached`) has every expert resident and never uses the link.
+them all. Experts are computed in their stored format (``expert_fmt``: a native fp16 or int8 kernel reading
+that format's bytes), not unpacked first as the offload engine's nf4 and HQQ copies are (``odmoe/costs.py``). The fully cached model (:func:`simulate_cached`) has every expert resident and never uses the link.
 """
 
 from __future__ import annotations
