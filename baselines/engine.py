@@ -212,7 +212,7 @@ class OffloadEngine:
         self._resident_copies: dict[Key, tuple[torch.Tensor, ...]] = {}
         self._stashed: dict = {}
         costs = run_costs(self.timing, hardware, self.model.config, Formats(main="fp32"))
-        self.pricer = None if costs is None else Pricer(costs, self.num_layers, "main")
+        self.pricer = None if costs is None else Pricer(costs, self.num_layers, "main", self.timing.dequant)
         # modelled at another shape: bytes scale with the priced shape's expert size
         self.byte_scale = 1.0 if costs is None else costs.shape.expert_params / self.adapter.expert_params
         self.stats = Stats()
@@ -227,7 +227,7 @@ class OffloadEngine:
         self.reset_cache()
         self._install()
         policy.install(self)
-        if self.pricer is not None:  # HQQ attention (Mixtral-Offloading, AdapMoE): dequantized at every call
+        if self.pricer is not None:  # HQQ attention (Mixtral-Offloading, AdapMoE): packed, like their experts
             self.pricer.attention_bytes = packed_attention_bytes(self.model)
         if self.device.type == "cuda" and policy.on_device:  # last: nothing above can fail after it
             self._stashed = self._stash_experts()  # the model's own experts leave the GPU while we serve them
@@ -453,7 +453,7 @@ class OffloadEngine:
             y = swiglu_expert(hidden[token_idx], gate_up, down, self.act)
             if self.pricer is not None:
                 nbytes = entry.nbytes * self.byte_scale
-                packed = fmt != "fp32"  # unpacked above, then an fp32 matmul
+                packed = fmt != "fp32"  # unpacked above, then an fp32 matmul (timing.dequant prices it)
                 self.clock.charge(self.pricer.expert(len(token_idx), not results, nbytes, "device", packed))
             results[(e, fmt)] = y * w[token_idx, pos, None]
             self.tick += 1

@@ -47,6 +47,7 @@ import torch
 from odmoe.errors import OdmoeError
 
 TIMINGS = ("wall", "measured", "modelled")
+DEQUANT = ("unfused", "fused")  # timing.dequant (odmoe/costs.py)
 PROBE_INTERVAL = 5e-3  # host CPU seconds of compute between two probes of a calibrated measured clock
 
 
@@ -101,6 +102,7 @@ class Timing:
     shape: str | None = None  # modelled: a shipped shape (mixtral-8x7b, ...) or None for the run's model
     scale: float = 1.0  # measured: target seconds per host CPU second (the profile's compute_scale)
     probe: float | None = None  # calibrated measured: the profile's probe_seconds (None: not calibrated)
+    dequant: str = "unfused"  # modelled: how packed weight copies are priced (odmoe/costs.py, DEQUANT)
 
     @property
     def virtual(self) -> bool:
@@ -112,6 +114,7 @@ class Timing:
             "shape": self.shape,
             "compute_scale": self.scale,
             "probe_seconds": self.probe,
+            "dequant": self.dequant,
         }
 
     def clock(self) -> Clock:
@@ -156,7 +159,14 @@ def resolve_timing(node, profile, device: str = "cpu") -> Timing:
                 "measure it on the reference host (the median of odmoe.clock.probe_seconds() over a quiet "
                 "minute) and set hardware.probe_seconds=VALUE, or leave timing.calibrate unset or false"
             )
-    return Timing(mode, None if shape is None else str(shape), scale, probe)
+    dequant = str(raw.get("dequant") or "unfused")
+    if dequant not in DEQUANT:
+        raise OdmoeError(f"unknown timing.dequant {dequant!r}; use {' or '.join(DEQUANT)}")
+    if dequant != "unfused" and mode != "modelled":
+        raise OdmoeError(
+            f"timing.dequant prices packed copies on the modelled clock; it needs timing=modelled, not {mode}"
+        )
+    return Timing(mode, None if shape is None else str(shape), scale, probe, dequant)
 
 
 class Clock:

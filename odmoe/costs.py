@@ -23,10 +23,10 @@ A worker call over several experts or a prefill mini-batch pays the expert overh
 
 Packed weights (a choice; the paper prices no baseline): the offload engine keeps its nf4 and HQQ copies packed
 and dequantizes each into the compute format before an ordinary matmul (``baselines/lowbit.py``), and the
-modelled clock prices that path: read the packed copy, ``DEQUANT_FLOPS`` per weight, write the unpacked matrix,
-which the matmul then reads like a resident one. The originals fuse dequantization into GPU kernels
-(Mixtral-Offloading's Triton matmuls), whose ideal is the packed read alone; that bound made a 2-bit
-expert a tenth of an fp32 one and put Mixtral-Offloading above the fully cached model.
+modelled clock prices that path by default (``timing.dequant=unfused``): read the packed copy, ``DEQUANT_FLOPS``
+per weight, write the unpacked matrix, which the matmul then reads like a resident one. The originals fuse
+dequantization into GPU kernels (Mixtral-Offloading's Triton matmuls); ``timing.dequant=fused`` prices those at
+their ideal, the packed read alone (a 2-bit expert a tenth of an fp32 one): a bound, not what runs here.
 """
 
 from __future__ import annotations
@@ -417,10 +417,11 @@ class Pricer:
     or ``cached`` (a whole layer with its experts resident on one device).
     """
 
-    def __init__(self, costs: ModelCosts, num_layers: int, kind: str = "main"):
+    def __init__(self, costs: ModelCosts, num_layers: int, kind: str = "main", dequant: str = "unfused"):
         if kind not in ("main", "shadow", "cached"):
             raise OdmoeError(f"unknown pricer kind {kind!r}")
         self.costs, self.num_layers, self.kind = costs, num_layers, kind
+        self.fused = dequant == "fused"  # packed copies: the packed read alone (module docstring)
         self.tokens, self.ctx, self.next = 1, 0, 0
         self.attention_bytes: float | None = None  # stored bytes per attention weight when kept packed (HQQ)
 
@@ -435,16 +436,20 @@ class Pricer:
         if self.kind == "cached":
             return c.cached_layer(j, self.tokens, self.ctx)
         t = c.main(j, self.tokens, self.ctx)
-        if self.attention_bytes is not None:  # dequantized at every call, then read as resident weights
-            a = c.shape.attn_params
-            t += self._unpack(c.hw.main, a, a * self.attention_bytes)
+        if self.attention_bytes is not None:  # packed projections replace the resident ones main() priced
+            a, flops = c.shape.attn_params, 2 * c.shape.attn_params * self.tokens
+            dense = roofline(c.hw.main, a * FORMAT_BYTES[c.fmt.main], flops)
+            t += self._packed(c.hw.main, a, a * self.attention_bytes, flops) - dense
         return t
 
-    def _unpack(self, dev: Device, params: float, packed_bytes: float) -> float:
-        """Dequantizing ``params`` weights stored in ``packed_bytes`` into the compute format: read the packed
-        copy, compute each weight, write it (the matmul's read of the result is priced by the caller)."""
-        written = params * FORMAT_BYTES[self.costs.fmt.main]
-        return roofline(dev, packed_bytes + written, DEQUANT_FLOPS * params)
+    def _packed(self, dev: Device, params: float, packed_bytes: float, flops: float) -> float:
+        """A matmul of ``flops`` over ``params`` weights stored in ``packed_bytes``: unfused, they are first
+        dequantized (read packed, ``DEQUANT_FLOPS`` per weight, write the compute format) and the matmul reads
+        the result; fused, the packed read alone."""
+        if self.fused:
+            return roofline(dev, packed_bytes, flops)
+        unpacked = params * FORMAT_BYTES[self.costs.fmt.main]
+        return roofline(dev, packed_bytes + 2 * unpacked, flops + DEQUANT_FLOPS * params)
 
     def upto(self, layer: int) -> float:
         """Every layer not yet priced, up to and including ``layer``."""
@@ -471,17 +476,13 @@ class Pricer:
     ) -> float:
         """One expert over ``tokens`` rows reading ``nbytes`` of weights (default: a worker expert at the
         workers' format), on a worker or (``on="device"``) on an offload engine's single device; the per-call
-        overhead is paid by a call's first expert. ``packed``: the ``nbytes`` are a packed copy, dequantized
-        once per call into the compute format, which the matmul then reads."""
+        overhead is paid by a call's first expert. ``packed``: the ``nbytes`` are a packed copy (priced by
+        ``timing.dequant``, module docstring)."""
         c = self.costs
         dev = c.hw.worker if on == "worker" else c.hw.main
-        params = c.shape.expert_params
+        params, flops = c.shape.expert_params, 2 * c.shape.expert_params * tokens
         nbytes = c.expert_bytes() if nbytes is None else nbytes
-        t = 0.0
-        if packed:
-            t = self._unpack(dev, params, nbytes)
-            nbytes = params * FORMAT_BYTES[c.fmt.main]
-        t += roofline(dev, nbytes, 2 * params * tokens)
+        t = self._packed(dev, params, nbytes, flops) if packed else roofline(dev, nbytes, flops)
         return t + (c.expert_overhead if first else 0.0)
 
 

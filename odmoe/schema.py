@@ -24,7 +24,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from odmoe.clock import resolve_timing
+from odmoe.clock import DEQUANT, resolve_timing
 from odmoe.errors import OdmoeError
 from odmoe.hardware import profile_from_config
 from odmoe.paths import repo_root
@@ -104,6 +104,7 @@ class TimingSchema:
     mode: str = _f("auto", choices=("auto", "wall", "measured", "modelled"))
     shape: str | None = None
     calibrate: bool | None = None  # None: on where the clock is measured
+    dequant: str = _f("unfused", choices=DEQUANT)  # modelled: packed copies (odmoe/costs.py)
 
 
 # ---- systems (conf/system) -------------------------------------------------------------------

@@ -195,7 +195,8 @@ def test_mixtral_offloading_moves_packed_hqq_experts_and_quantizes_attention(set
 def test_modelled_clock_prices_the_dequantization_of_packed_copies(setup):
     """On the modelled clock an HQQ 2-bit expert costs its dequantization (read the packed copy, 2 FLOPs per
     weight, write fp32) and then the fp32 matmul the engine runs: dearer than an fp32 expert, not a tenth of
-    it. HQQ 4-bit attention adds its own dequantization to each layer's main step. By hand from the profile."""
+    it. HQQ 4-bit attention adds its own dequantization to each layer's main step. ``timing.dequant=fused``
+    prices both at the packed read alone. By hand from the profile."""
     import pandas as pd
 
     from odmoe.clock import Timing
@@ -204,9 +205,9 @@ def test_modelled_clock_prices_the_dequantization_of_packed_copies(setup):
     dev, params = hw.main, lm.adapter.expert_params
     attn = sum(m.weight.numel() for m in lm.model.model.layers[0].self_attn.children())
 
-    def run(quantize, attention):
+    def run(quantize, attention, dequant="unfused"):
         cfg = dict(experts_per_layer=8, prefetch=0, quantize=quantize, attention=attention)
-        engine = build_engine("mixtral_offloading", cfg, lm, hw, Timing("modelled"))
+        engine = build_engine("mixtral_offloading", cfg, lm, hw, Timing("modelled", dequant=dequant))
         try:
             layers = pd.DataFrame(engine.generate(prompt, OUT, record=True).record.layers)
         finally:
@@ -226,6 +227,19 @@ def test_modelled_clock_prices_the_dequantization_of_packed_copies(setup):
     assert dense.pricer.attention_bytes is None and 0.5 < packed.pricer.attention_bytes < 0.75
     attention = (packed.pricer.attention_bytes + 4) * attn / dev.mem_bandwidth + 2 * attn / dev.flops
     extra = packed_rows.loc[decode, "t_main"] - dense_rows.loc[decode, "t_main"]
+    assert np.allclose(extra, attention, rtol=1e-6)
+
+    fused, fused_rows = run("hqq2", "hqq4", "fused")
+    packed_read = fused.fmt_bytes["hqq2"] / dev.mem_bandwidth + 2 * params / dev.flops
+    expected = overhead + fused_rows.loc[decode, "computed"] * packed_read
+    assert (
+        np.allclose(fused_rows.loc[decode, "t_experts"], expected, rtol=1e-9)
+        and packed_read < fp32_expert / 4
+    )
+    attention = (
+        (fused.pricer.attention_bytes - 4) * attn / dev.mem_bandwidth
+    )  # the packed read replaces fp32's
+    extra = fused_rows.loc[decode, "t_main"] - dense_rows.loc[decode, "t_main"]
     assert np.allclose(extra, attention, rtol=1e-6)
 
 

@@ -115,6 +115,12 @@ def test_timing_resolution_and_its_errors():
         resolve_timing({"mode": "measured"}, emulated, device="cuda")
     with pytest.raises(OdmoeError, match="unknown timing 'fast'"):
         resolve_timing({"mode": "fast"}, emulated)
+    assert resolve_timing({"mode": "modelled", "dequant": "fused"}, emulated).dequant == "fused"
+    assert resolve_timing({"mode": "measured"}, emulated).dequant == "unfused"
+    with pytest.raises(OdmoeError, match="timing.dequant .* needs timing=modelled, not measured"):
+        resolve_timing({"mode": "measured", "dequant": "fused"}, emulated)
+    with pytest.raises(OdmoeError, match="unknown timing.dequant 'fast'; use unfused or fused"):
+        resolve_timing({"mode": "modelled", "dequant": "fast"}, emulated)
     with pytest.raises(OdmoeError, match="timing.shape .* needs timing=modelled"):
         resolve_timing({"mode": "measured", "shape": "mixtral-8x7b"}, emulated)
     calibrated = resolve_timing({"mode": "measured", "calibrate": True}, emulated)
