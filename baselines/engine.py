@@ -17,12 +17,11 @@ The HF model runs unchanged; each MoE layer's routed-expert computation is repla
 
 Time is the engine's :class:`odmoe.clock.Clock` (``timing``): ``measured`` (this thread's CPU time times
 the profile's ``compute_scale``) or ``modelled`` (the cost model's attention, expert and head steps at
-``timing.shape``; packed copies pay their dequantization, ``odmoe/costs.py``) on an emulated profile,
+``timing.shape``; packed copies as ``timing.dequant`` says, ``odmoe/costs.py``) on an emulated profile,
 ``wall`` on a GPU. Loads go over :mod:`baselines.timing`'s link (the profile's link in virtual time, or real
 side-stream copies on CUDA); waiting for one is a stall (on CUDA the time the compute stream waited, from
-CUDA events). On a GPU the model's own routed-expert tensors move to
-host memory while an engine is installed (its host store serves them), so the device holds what the policy keeps
-resident.
+CUDA events). On a GPU the model's own routed-expert tensors move to host memory while an engine is
+installed (its host store serves them), so the device holds what the policy keeps resident.
 Device memory is the ledger (``odmoe.device.Ledger``, capacity enforced): non-expert weights + resident
 expert bytes (in-flight loads included) + the KV cache; on CUDA ``torch.cuda.max_memory_allocated`` is
 reported beside it.
