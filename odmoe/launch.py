@@ -167,28 +167,24 @@ def _bad_input(error: OdmoeError) -> None:
     """Every rank sees the same bad input; only each machine's first local rank says so (one line per
     machine, not one per rank); exit 2.
 
-    The other ranks wait (up to 60 s) in the launcher's store until their machine's line is out: exiting
-    first would make torchrun's agent terminate that rank before its line is out."""
-    machine = os.environ.get("GROUP_RANK", "0")
-    key = f"odmoe/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/bad_input/{machine}"
-    try:
-        import torch.distributed as dist
-
-        store = dist.TCPStore(
-            *store_address(),
-            is_master=False,
-            timeout=datetime.timedelta(seconds=60),
-        )
-    except Exception:  # noqa: BLE001 - no launcher store: nobody to wait for
-        store = None
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    Local rank 0 speaks before anything else: another machine's agent may already have gone, taking the
+    rendezvous store with it. The machine's other local ranks wait (up to 60 s) in the store until that line
+    is out: exiting first would make torchrun's agent terminate rank 0 before it speaks."""
+    first = os.environ.get("LOCAL_RANK", "0") == "0"
+    if first:
         print(f"odmoe: error: {error}", file=sys.stderr, flush=True)
-        if store is not None:
-            store.set(key, "said")
-    elif store is not None:
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        machine = os.environ.get("GROUP_RANK", "0")
+        key = f"odmoe/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/bad_input/{machine}"
         try:
-            store.wait([key])
-        except Exception:  # noqa: BLE001 - rank 0 never spoke: exit anyway
+            import torch.distributed as dist
+
+            store = dist.TCPStore(*store_address(), is_master=False, timeout=datetime.timedelta(seconds=60))
+            if first:
+                store.set(key, "said")
+            else:
+                store.wait([key])
+        except Exception:  # noqa: BLE001 - no store, or rank 0 never spoke: exit anyway
             pass
     sys.stderr.flush()
     os._exit(2)

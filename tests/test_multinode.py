@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -415,7 +416,8 @@ def test_interface_and_store_checks_say_what_to_set():
 def test_missing_machine_line_is_out_before_any_local_rank_exits(tmp_path):
     """A machine that never joined, seen by both local ranks of machine 0: local rank 1 waits in the store
     until local rank 0's line is out (exiting first lets torchrun's agent terminate rank 0 before it speaks);
-    one line for the machine, exit 2 from both."""
+    one line for the machine, exit 2 from both. A machine with one process says it at once, even with the
+    store gone (machine 0's agent may have ended first)."""
     store = _store()
     env = {
         **os.environ,
@@ -426,14 +428,25 @@ def test_missing_machine_line_is_out_before_any_local_rank_exits(tmp_path):
         "ODMOE_STORE": f"127.0.0.1:{store.port}",
     }
 
-    def start(local_rank: int) -> subprocess.Popen:
+    def start(local_rank: int, local_world: int = 2, **extra: str) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "odmoe.launch", "model=micro-mixtral"],
-            env={**env, "LOCAL_RANK": str(local_rank)},
+            env={**env, "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_world), **extra},
             stderr=subprocess.PIPE,
             text=True,
             cwd=repo_root(),
         )
+
+    with socket.socket() as s:  # a port nothing listens on: the store has gone
+        s.bind(("127.0.0.1", 0))
+        gone = f"127.0.0.1:{s.getsockname()[1]}"
+    t0 = time.monotonic()
+    alone = start(0, 1, ODMOE_STORE=gone, GROUP_RANK="1")
+    err = alone.communicate(timeout=60)[1]
+    assert alone.returncode == 2 and time.monotonic() - t0 < 30, err  # not the store's 60 s connect timeout
+    assert [line for line in err.splitlines() if line.startswith("odmoe:")][0].startswith(
+        "odmoe: error: only 2 of the 3 machines"
+    ), err
 
     second = start(1)
     t0 = time.monotonic()
