@@ -167,24 +167,24 @@ def _bad_input(error: OdmoeError) -> None:
     """Every rank sees the same bad input; only each machine's first local rank says so (one line per
     machine, not one per rank); exit 2.
 
-    Local rank 0 speaks before anything else: another machine's agent may already have gone, taking the
-    rendezvous store with it. The machine's other local ranks wait (up to 60 s) in the store until that line
-    is out: exiting first would make torchrun's agent terminate rank 0 before it speaks."""
+    That rank speaks before anything else (the rendezvous store may be gone already), then marks its line
+    in the store. Every rank then waits (up to 20 s) until every machine's line is out: a rank that exits
+    first lets torchrun end its machine, which terminates that machine's rank 0 or, on machine 0, takes the
+    store away from the agents of the others, which then terminate theirs."""
     first = os.environ.get("LOCAL_RANK", "0") == "0"
     if first:
         print(f"odmoe: error: {error}", file=sys.stderr, flush=True)
-    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        machine = os.environ.get("GROUP_RANK", "0")
-        key = f"odmoe/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/bad_input/{machine}"
+    machines = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if machines > 1 or int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        said = f"odmoe/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/bad_input"
         try:
             import torch.distributed as dist
 
-            store = dist.TCPStore(*store_address(), is_master=False, timeout=datetime.timedelta(seconds=60))
+            store = dist.TCPStore(*store_address(), is_master=False, timeout=datetime.timedelta(seconds=20))
             if first:
-                store.set(key, "said")
-            else:
-                store.wait([key])
-        except Exception:  # noqa: BLE001 - no store, or rank 0 never spoke: exit anyway
+                store.set(f"{said}/{os.environ.get('GROUP_RANK', '0')}", "said")
+            store.wait([f"{said}/{m}" for m in range(machines)])
+        except Exception:  # noqa: BLE001 - no store, or a machine never spoke: exit anyway
             pass
     sys.stderr.flush()
     os._exit(2)
