@@ -232,13 +232,10 @@ def test_modelled_clock_prices_the_dequantization_of_packed_copies(setup):
     fused, fused_rows = run("hqq2", "hqq4", "fused")
     packed_read = fused.fmt_bytes["hqq2"] / dev.mem_bandwidth + 2 * params / dev.flops
     expected = overhead + fused_rows.loc[decode, "computed"] * packed_read
-    assert (
-        np.allclose(fused_rows.loc[decode, "t_experts"], expected, rtol=1e-9)
-        and packed_read < fp32_expert / 4
-    )
-    attention = (
-        (fused.pricer.attention_bytes - 4) * attn / dev.mem_bandwidth
-    )  # the packed read replaces fp32's
+    assert np.allclose(fused_rows.loc[decode, "t_experts"], expected, rtol=1e-9)
+    assert packed_read < fp32_expert / 4
+    # the packed read replaces fp32's
+    attention = (fused.pricer.attention_bytes - 4) * attn / dev.mem_bandwidth
     extra = fused_rows.loc[decode, "t_main"] - dense_rows.loc[decode, "t_main"]
     assert np.allclose(extra, attention, rtol=1e-6)
 

@@ -466,8 +466,16 @@ def simulate_request(
     :func:`simulate_decode`)."""
     ttft, ptl, end = simulate_prefill(shape, costs, cfg, prompt_len, counts, record=bool(record))
     dec = simulate_decode(
-        shape, costs, cfg, hits, output_len - 1, ctx0=prompt_len, start=ttft, record=record, timely=timely,
+        shape,
+        costs,
+        cfg,
+        hits,
+        output_len - 1,
+        ctx0=prompt_len,
+        start=ttft,
+        record=record,
+        timely=timely,
         after=end,
-    )  # fmt: skip
+    )
     dec.timeline.spans = ptl.spans + dec.timeline.spans
     return RequestResult(prompt_len, output_len, ttft, dec)
